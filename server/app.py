@@ -1,0 +1,47 @@
+"""The app factory: no I/O at import time; tests and the CLI build as many apps as they like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+import web
+from server import __version__
+from server.db import make_engine, make_session_factory
+from server.errors import install_error_handlers
+from server.limits import BodySizeLimit
+from server.migrate import check_schema
+from server.routes import health, history, metrics, runs
+from server.settings import Settings
+from server.state import AppState
+
+API_DESCRIPTION = """Stagewatch records training runs (metrics, stages, learning-rate decisions) and serves them.
+
+Authenticate with `Authorization: Bearer <token>`; tokens come from `stagewatch token create --role ROLE`.
+Errors are JSON: `{"detail": "<what was wrong>", "code": "<slug>"}`.
+"""
+
+
+def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
+    """Build the service. With ``check`` (the default) the database schema must be at the current
+    revision; run ``stagewatch db upgrade`` first (``server.migrate``)."""
+    engine = make_engine(settings.database_url)
+    revision = check_schema(engine, settings.database_url) if check else None
+    app = FastAPI(title="Stagewatch", version=__version__, description=API_DESCRIPTION)
+    app.state.stagewatch = AppState(
+        settings=settings, engine=engine, sessions=make_session_factory(engine), schema_revision=revision
+    )
+    install_error_handlers(app)
+    for router in (health.router, runs.router, metrics.router, history.router):
+        app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=Path(web.__file__).parent, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

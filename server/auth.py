@@ -1,0 +1,65 @@
+"""Bearer-token authentication with three roles, each allowed what the one before it is, and more:
+``viewer`` reads; ``worker`` also creates runs, ingests metrics and receives commands; ``operator`` also
+decides on learning-rate decays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.db import transaction
+from server.errors import Forbidden, Unauthorized
+from server.state import AppState, app_state
+from server.store.tokens import find_active_token
+
+ROLES = ("viewer", "worker", "operator")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+
+bearer = HTTPBearer(auto_error=False, description="A token from `stagewatch token create --role ...`.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the token's name (``local`` when auth is off) and its role."""
+
+    name: str
+    role: str
+
+    @property
+    def actor(self) -> str:
+        return self.name
+
+
+def _authenticate(state: AppState, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    if not state.settings.auth:
+        return Principal("local", "operator")
+    if credentials is None:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    with transaction(state.sessions) as session:
+        token = find_active_token(session, credentials.credentials)
+        if token is None:
+            raise Unauthorized("invalid or revoked token")
+        return Principal(f"token:{token.name}", token.role)
+
+
+def require(role: str) -> Callable[..., Principal]:
+    needed = ROLE_RANK[role]
+
+    def dependency(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Principal:
+        principal = _authenticate(app_state(request), credentials)
+        if ROLE_RANK[principal.role] < needed:
+            raise Forbidden(f"this needs the {role} role; the token has {principal.role}")
+        return principal
+
+    return dependency
+
+
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Worker = Annotated[Principal, Depends(require("worker"))]
+Operator = Annotated[Principal, Depends(require("operator"))]

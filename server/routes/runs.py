@@ -1,0 +1,102 @@
+"""Runs: create, list, read, update, heartbeat; and the run's audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from server.auth import Viewer, Worker
+from server.db import transaction
+from server.errors import NotFound
+from server.schemas import EventList, EventPublic, RunCreate, RunList, RunPublic, RunStatusOrStale, RunUpdate
+from server.state import State
+from server.store import runs as store
+from server.store.events import get_event, list_events
+from server.store.runs import decode_cursor, encode_cursor
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+
+
+
+@router.post("", response_model=RunPublic, status_code=status.HTTP_201_CREATED)
+def create_run(data: RunCreate, state: State, who: Worker) -> RunPublic:
+    """Create a run (status `running`). Returns it with its `id`."""
+    with transaction(state.sessions, write=True) as session:
+        run = store.create_run(session, data, actor=who.actor)
+        return store.to_public(session, [run], grace=state.grace)[0]
+
+
+@router.get("", response_model=RunList)
+def list_runs(
+    state: State,
+    _: Viewer,
+    status_: Annotated[RunStatusOrStale | None, Query(alias="status")] = None,
+    project: str | None = None,
+    tag: str | None = None,
+    name: Annotated[str | None, Query(description="Case-insensitive substring of the run name.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+) -> RunList:
+    """Runs, newest first, filtered; paginated with an opaque cursor."""
+    flt = store.RunFilter(status=status_, project=project, tag=tag, name=name)
+    with transaction(state.sessions) as session:
+        runs, next_cursor = store.list_runs(session, flt, limit=limit, cursor=cursor, grace=state.grace)
+        return RunList(data=store.to_public(session, runs, grace=state.grace), next_cursor=next_cursor)
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+def read_run(run_id: int, state: State, _: Viewer) -> RunPublic:
+    with transaction(state.sessions) as session:
+        return store.to_public(session, [store.get_run(session, run_id)], grace=state.grace)[0]
+
+
+@router.patch("/{run_id}", response_model=RunPublic)
+def update_run(run_id: int, data: RunUpdate, state: State, who: Worker) -> RunPublic:
+    """Change name, tags, notes or status (`running`, `finished`, `failed`). Every change is audited."""
+    with transaction(state.sessions, write=True) as session:
+        run = store.update_run(session, store.get_run(session, run_id, for_update=True), data, actor=who.actor)
+        return store.to_public(session, [run], grace=state.grace)[0]
+
+
+@router.post("/{run_id}/heartbeat", response_model=RunPublic)
+def post_heartbeat(run_id: int, state: State, _: Worker) -> RunPublic:
+    """Tell the server the worker is alive. Ingesting metrics counts as a heartbeat too."""
+    with transaction(state.sessions, write=True) as session:
+        run = store.get_run(session, run_id, for_update=True)
+        store.heartbeat(run)
+        return store.to_public(session, [run], grace=state.grace)[0]
+
+
+@router.get("/{run_id}/events", response_model=EventList)
+def read_events(
+    run_id: int,
+    state: State,
+    _: Viewer,
+    kind: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> EventList:
+    """The run's audit log, newest first."""
+    with transaction(state.sessions) as session:
+        store.get_run(session, run_id)
+        before = decode_cursor(cursor) if cursor else None
+        events = list_events(session, run_id, kind=kind, before_id=before, limit=limit + 1)
+        next_cursor = encode_cursor(events[limit - 1].id) if len(events) > limit else None
+        return EventList(
+            data=[EventPublic.model_validate(e, from_attributes=True) for e in events[:limit]],
+            next_cursor=next_cursor,
+        )
+
+
+@router.get("/{run_id}/events/{event_id}", response_model=EventPublic)
+def read_event(run_id: int, event_id: int, state: State, _: Viewer) -> EventPublic:
+    """One audit event in full, e.g. a rewind with the points it replaced."""
+    with transaction(state.sessions) as session:
+        store.get_run(session, run_id)
+        event = get_event(session, run_id, event_id)
+        if event is None:
+            raise NotFound(f"run {run_id} has no event {event_id}")
+        return EventPublic.model_validate(event, from_attributes=True)
+
+

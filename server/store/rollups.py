@@ -1,0 +1,198 @@
+"""Multi-resolution summaries of each series, so that downsampling never scans raw points.
+
+Level ``L`` groups steps into buckets of ``WIDTHS[L]`` consecutive steps (16, 128, ..., 524288; each level 8x
+the one below) and keeps, per bucket: the number of points, of NaNs and the first NaN's step, and the step and
+value of the minimum and the maximum. A query over N steps rendered into B buckets reads the coarsest level
+whose buckets are at most N/(2B) steps wide: a few thousand rows instead of N, with every bucket's extreme
+points exact. Merging is commutative, so points arriving out of order just merge into their buckets.
+
+Rollups only ever see points that were newly inserted (duplicates are filtered out before), and a rewind
+rebuilds the buckets it cut through (``rebuild_tail``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, case, delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from server.models import MetricPoint, MetricRollup
+
+SHIFTS = (4, 7, 10, 13, 16, 19)
+WIDTHS = tuple(1 << s for s in SHIFTS)
+FANOUT_SHIFT = 3  # each level's buckets hold 2**3 buckets of the level below
+
+
+@dataclass(slots=True)
+class Summary:
+    count: int = 0
+    nan_count: int = 0
+    nan_step: int | None = None
+    min_step: int | None = None
+    min_value: float | None = None
+    max_step: int | None = None
+    max_value: float | None = None
+
+    def add_point(self, step: int, value: float | None) -> None:
+        self.count += 1
+        if value is None:
+            self.nan_count += 1
+            if self.nan_step is None or step < self.nan_step:
+                self.nan_step = step
+            return
+        if self.min_value is None or value < self.min_value:
+            self.min_value, self.min_step = value, step
+        if self.max_value is None or value > self.max_value:
+            self.max_value, self.max_step = value, step
+
+    def merge(self, other: Summary) -> None:
+        self.count += other.count
+        self.nan_count += other.nan_count
+        if other.nan_step is not None and (self.nan_step is None or other.nan_step < self.nan_step):
+            self.nan_step = other.nan_step
+        if other.min_value is not None and (self.min_value is None or other.min_value < self.min_value):
+            self.min_value, self.min_step = other.min_value, other.min_step
+        if other.max_value is not None and (self.max_value is None or other.max_value > self.max_value):
+            self.max_value, self.max_step = other.max_value, other.max_step
+
+
+def summarise(points: Iterable[tuple[int, float | None]]) -> list[dict[int, Summary]]:
+    """Summaries of ``(step, value)`` points at every level; value ``None`` is NaN."""
+    shift0 = SHIFTS[0]
+    base: dict[int, Summary] = {}
+    for step, value in points:
+        bucket = step >> shift0
+        summary = base.get(bucket)
+        if summary is None:
+            summary = base[bucket] = Summary()
+        summary.add_point(step, value)
+    levels = [base]
+    for _ in SHIFTS[1:]:
+        parent: dict[int, Summary] = {}
+        for bucket, child in levels[-1].items():
+            key = bucket >> FANOUT_SHIFT
+            target = parent.get(key)
+            if target is None:
+                target = parent[key] = Summary()
+            target.merge(child)
+        levels.append(parent)
+    return levels
+
+
+def _row(series_id: int, level: int, bucket: int, s: Summary) -> dict[str, object]:
+    return {
+        "series_id": series_id,
+        "level": level,
+        "bucket": bucket,
+        "count": s.count,
+        "nan_count": s.nan_count,
+        "nan_step": s.nan_step,
+        "min_step": s.min_step,
+        "min_value": s.min_value,
+        "max_step": s.max_step,
+        "max_value": s.max_value,
+    }
+
+
+def _merge_statement(dialect: str):  # type: ignore[no-untyped-def]
+    table = MetricRollup.__table__
+    stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    new = stmt.excluded
+    old = table.c
+
+    def pick(take_new: ColumnElement[bool], column: str) -> ColumnElement[object]:
+        return case((take_new, new[column]), else_=old[column])
+
+    take_min = or_null(old.min_value, new.min_value < old.min_value, new.min_value)
+    take_max = or_null(old.max_value, new.max_value > old.max_value, new.max_value)
+    take_nan = or_null(old.nan_step, new.nan_step < old.nan_step, new.nan_step)
+    return stmt.on_conflict_do_update(
+        index_elements=["series_id", "level", "bucket"],
+        set_={
+            "count": old["count"] + new["count"],
+            "nan_count": old.nan_count + new.nan_count,
+            "nan_step": pick(take_nan, "nan_step"),
+            "min_step": pick(take_min, "min_step"),
+            "min_value": pick(take_min, "min_value"),
+            "max_step": pick(take_max, "max_step"),
+            "max_value": pick(take_max, "max_value"),
+        },
+    )
+
+
+def or_null(old: ColumnElement[object], better: ColumnElement[bool], new: ColumnElement[object]) -> ColumnElement[bool]:
+    """Take the new extreme when the old one is missing, or when the new one exists and is better."""
+    return (old.is_(None)) | (new.is_not(None) & better)
+
+
+def add_points(session: Session, series_id: int, points: Iterable[tuple[int, float | None]]) -> None:
+    """Merge newly stored points into every level."""
+    rows = [
+        _row(series_id, level, bucket, s)
+        for level, summaries in enumerate(summarise(points))
+        for bucket, s in summaries.items()
+    ]
+    if rows:
+        session.execute(_merge_statement(session.get_bind().dialect.name), rows)
+
+
+def rebuild_tail(session: Session, series_id: int, last_step: int) -> None:
+    """After every point beyond ``last_step`` was deleted: drop and rebuild the buckets that held them."""
+    for level, shift in enumerate(SHIFTS):
+        session.execute(
+            delete(MetricRollup).where(
+                MetricRollup.series_id == series_id,
+                MetricRollup.level == level,
+                MetricRollup.bucket >= last_step >> shift,
+            )
+        )
+    # Level 0 from the raw points of the cut bucket, each level above from the (intact) level below.
+    start = (last_step >> SHIFTS[0]) << SHIFTS[0]
+    raw = session.execute(
+        select(MetricPoint.step, MetricPoint.value).where(
+            MetricPoint.series_id == series_id, MetricPoint.step >= start, MetricPoint.step <= last_step
+        )
+    )
+    summary = Summary()
+    for step, value in raw:
+        summary.add_point(step, value)
+    rebuilt = [(0, last_step >> SHIFTS[0], summary)]
+    for level in range(1, len(SHIFTS)):
+        bucket = last_step >> SHIFTS[level]
+        merged = Summary()
+        for child in read_level(session, series_id, level - 1, bucket << FANOUT_SHIFT, ((bucket + 1) << FANOUT_SHIFT) - 1):
+            merged.merge(child[1])
+        if rebuilt[-1][2].count:
+            merged.merge(rebuilt[-1][2])
+        rebuilt.append((level, bucket, merged))
+    rows = [_row(series_id, level, bucket, s) for level, bucket, s in rebuilt if s.count]
+    if rows:
+        session.execute(insert(MetricRollup), rows)
+
+
+def read_level(session: Session, series_id: int, level: int, first: int, last: int) -> list[tuple[int, Summary]]:
+    """Stored buckets ``first..last`` (inclusive) of one level, in bucket order."""
+    r = MetricRollup
+    rows = session.execute(
+        select(r.bucket, r.count, r.nan_count, r.nan_step, r.min_step, r.min_value, r.max_step, r.max_value)
+        .where(and_(r.series_id == series_id, r.level == level, r.bucket >= first, r.bucket <= last))
+        .order_by(r.bucket)
+    )
+    return [(row[0], Summary(*row[1:])) for row in rows]
+
+
+def rebuild_all(session: Session, series_ids: Sequence[int]) -> None:
+    """Recompute every level from the raw points (used after bulk changes and to check consistency)."""
+    for series_id in series_ids:
+        session.execute(delete(MetricRollup).where(MetricRollup.series_id == series_id))
+        points = session.execute(
+            select(MetricPoint.step, MetricPoint.value).where(MetricPoint.series_id == series_id)
+        )
+        add_points(session, series_id, ((int(s), v) for s, v in points))
+
+
+__all__ = ["SHIFTS", "WIDTHS", "Summary", "add_points", "read_level", "rebuild_all", "rebuild_tail", "summarise"]

@@ -1,0 +1,191 @@
+"""Runs: create, read, list with filters and cursor pagination, update, heartbeats, derived status."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Select, and_, delete, or_, select
+from sqlalchemy.orm import Session
+
+from server.errors import Invalid, run_not_found
+from server.models import Run, RunTag, Series, utcnow
+from server.schemas import LatestValue, RunCreate, RunPublic, RunUpdate, encode_stored_value, encode_value
+from server.store.events import record_event
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    status: str | None = None
+    project: str | None = None
+    tag: str | None = None
+    name: str | None = None
+
+
+def get_run(session: Session, run_id: int, *, for_update: bool = False) -> Run:
+    query = select(Run).where(Run.id == run_id)
+    if for_update:
+        # Serialises writers of one run on Postgres; on SQLite the write transaction already holds the lock.
+        query = query.with_for_update()
+    run = session.scalar(query)
+    if run is None:
+        raise run_not_found(run_id)
+    return run
+
+
+def create_run(session: Session, data: RunCreate, *, actor: str) -> Run:
+    now = utcnow()
+    run = Run(
+        name=data.name or "",
+        project=data.project,
+        notes=data.notes,
+        status="running",
+        config=data.config,
+        created_at=now,
+        updated_at=now,
+        last_heartbeat_at=now,
+    )
+    session.add(run)
+    session.flush()
+    if not data.name:
+        run.name = f"run-{run.id}"
+    _set_tags(session, run.id, data.tags)
+    record_event(session, run_id=run.id, kind="run.created", actor=actor, payload=data.model_dump(mode="json"))
+    return run
+
+
+def update_run(session: Session, run: Run, data: RunUpdate, *, actor: str) -> Run:
+    changes = data.model_dump(exclude_unset=True, mode="json")
+    before: dict[str, object] = {}
+    now = utcnow()
+    if "name" in changes:
+        if data.name is None:
+            raise Invalid("name: cannot be null")
+        before["name"], run.name = run.name, data.name
+    if "notes" in changes:
+        before["notes"], run.notes = run.notes, data.notes or ""
+    if "tags" in changes:
+        before["tags"] = tags_of(session, [run.id])[run.id]
+        _set_tags(session, run.id, data.tags or [])
+    if "status" in changes:
+        if data.status is None:
+            raise Invalid("status: cannot be null")
+        before["status"], run.status = run.status, data.status
+        # A run that ended and reports running again (resumed from a checkpoint) is alive again.
+        run.ended_at = None if data.status == "running" else now
+        if data.status == "running":
+            run.last_heartbeat_at = now
+    run.updated_at = now
+    record_event(session, run_id=run.id, kind="run.updated", actor=actor, payload={"before": before, "after": changes})
+    return run
+
+
+def heartbeat(run: Run, *, now: dt.datetime | None = None) -> None:
+    run.last_heartbeat_at = now or utcnow()
+
+
+def _set_tags(session: Session, run_id: int, tags: Sequence[str]) -> None:
+    session.execute(delete(RunTag).where(RunTag.run_id == run_id))
+    session.add_all(RunTag(run_id=run_id, tag=t) for t in dict.fromkeys(tags))
+    session.flush()
+
+
+def tags_of(session: Session, run_ids: Sequence[int]) -> dict[int, list[str]]:
+    tags: dict[int, list[str]] = {rid: [] for rid in run_ids}
+    rows = session.execute(select(RunTag.run_id, RunTag.tag).where(RunTag.run_id.in_(run_ids)).order_by(RunTag.tag))
+    for run_id, tag in rows:
+        tags[run_id].append(tag)
+    return tags
+
+
+def effective_status(run: Run, *, now: dt.datetime, grace: dt.timedelta) -> str:
+    """*stale*: the worker says running but has not been heard from within the grace period."""
+    if run.status == "running" and run.last_heartbeat_at < now - grace:
+        return "stale"
+    return run.status
+
+
+def _filtered(query: Select[tuple[Run]], flt: RunFilter, *, cutoff: dt.datetime) -> Select[tuple[Run]]:
+    if flt.status == "stale":
+        query = query.where(and_(Run.status == "running", Run.last_heartbeat_at < cutoff))
+    elif flt.status == "running":
+        query = query.where(and_(Run.status == "running", Run.last_heartbeat_at >= cutoff))
+    elif flt.status is not None:
+        query = query.where(Run.status == flt.status)
+    if flt.project is not None:
+        query = query.where(Run.project == flt.project)
+    if flt.tag is not None:
+        query = query.where(Run.id.in_(select(RunTag.run_id).where(RunTag.tag == flt.tag)))
+    if flt.name is not None:
+        escaped = flt.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(or_(Run.name.ilike(f"%{escaped}%", escape="\\")))
+    return query
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"id": last_id}).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor.encode()))["id"]
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise Invalid("cursor: not a cursor returned by this API") from exc
+    if not isinstance(value, int):
+        raise Invalid("cursor: not a cursor returned by this API")
+    return value
+
+
+def list_runs(
+    session: Session, flt: RunFilter, *, limit: int, cursor: str | None, grace: dt.timedelta
+) -> tuple[list[Run], str | None]:
+    """Newest first. Keyset pagination on the id, so pages stay stable while runs are being created."""
+    cutoff = utcnow() - grace
+    query = _filtered(select(Run), flt, cutoff=cutoff)
+    if cursor is not None:
+        query = query.where(Run.id < decode_cursor(cursor))
+    runs = list(session.scalars(query.order_by(Run.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(runs[limit - 1].id) if len(runs) > limit else None
+    return runs[:limit], next_cursor
+
+
+def latest_values(session: Session, run_ids: Sequence[int]) -> dict[int, dict[str, LatestValue]]:
+    latest: dict[int, dict[str, LatestValue]] = defaultdict(dict)
+    for s in session.scalars(select(Series).where(Series.run_id.in_(run_ids)).order_by(Series.key)):
+        latest[s.run_id][s.key] = LatestValue(
+            step=s.last_step,
+            value=encode_stored_value(s.last_value) if s.last_step is not None else None,
+            epoch=encode_value(s.last_epoch),
+            time=s.last_time,
+            count=s.point_count,
+        )
+    return latest
+
+
+def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> list[RunPublic]:
+    ids = [r.id for r in runs]
+    tags = tags_of(session, ids)
+    latest = latest_values(session, ids)
+    now = utcnow()
+    return [
+        RunPublic(
+            id=r.id,
+            name=r.name,
+            project=r.project,
+            tags=tags[r.id],
+            notes=r.notes,
+            status=effective_status(r, now=now, grace=grace),  # type: ignore[arg-type]
+            config=r.config,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            ended_at=r.ended_at,
+            last_heartbeat_at=r.last_heartbeat_at,
+            latest=latest.get(r.id, {}),
+        )
+        for r in runs
+    ]

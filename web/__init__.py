@@ -1,0 +1,1 @@
+"""Static files of the dashboard, served by the server at /ui/."""
