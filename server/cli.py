@@ -124,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--no-auth", action="store_true", help="accept requests without a token")
-    serve.add_argument(
-        "--allow-insecure-bind", action="store_true", help="allow --no-auth on a non-loopback address"
-    )
+    serve.add_argument("--allow-insecure-bind", action="store_true", help="allow --no-auth on a non-loopback address")
     serve.set_defaults(func=cmd_serve)
 
     demo = verbs.add_parser("demo", help="run the local demo on embedded SQLite, no tokens needed")

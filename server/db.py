@@ -64,9 +64,7 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(
-    factory: sessionmaker[Session], *, write: bool = False, snapshot: bool = False
-) -> Iterator[Session]:
+def transaction(factory: sessionmaker[Session], *, write: bool = False, snapshot: bool = False) -> Iterator[Session]:
     """One unit of work: commits on success, rolls back on any error. Store code never commits.
 
     ``write`` takes SQLite's write lock up front; ``snapshot`` makes every statement see the same data

@@ -51,13 +51,20 @@ class BodySizeLimit:
                 await self._reject(send, received)
 
     async def _reject(self, send: Send, size: int) -> None:
-        body = json.dumps({
-            "detail": f"body: {size} bytes is over the limit of {self.max_bytes} bytes; send smaller batches",
-            "code": "payload_too_large",
-        }).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        })
+        body = json.dumps(
+            {
+                "detail": f"body: {size} bytes is over the limit of {self.max_bytes} bytes; send smaller batches",
+                "code": "payload_too_large",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

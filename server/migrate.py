@@ -18,6 +18,10 @@ class SchemaOutOfDate(RuntimeError):
     """The database is not at the revision this code needs."""
 
 
+class UnknownRevision(SchemaOutOfDate):
+    """The database is at a revision this code does not know (written by a newer version?): never upgrade it."""
+
+
 def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
@@ -57,10 +61,12 @@ def check_schema(engine: Engine, database_url: str) -> str:
         return current
     if current is None:
         problem = "has no Stagewatch schema yet"
-    elif current in {rev.revision for rev in ScriptDirectory.from_config(alembic_config(database_url)).walk_revisions()}:
+    elif current in {
+        rev.revision for rev in ScriptDirectory.from_config(alembic_config(database_url)).walk_revisions()
+    }:
         problem = f"is at schema revision {current}, this version needs {head}"
     else:
-        raise SchemaOutOfDate(
+        raise UnknownRevision(
             f"the database is at revision {current}, which this version of Stagewatch does not know "
             "(was it written by a newer version?); refusing to start"
         )
@@ -72,8 +78,8 @@ def ensure_schema(database_url: str, *, auto_upgrade: bool) -> str:
     try:
         try:
             return check_schema(engine, database_url)
-        except SchemaOutOfDate:
-            if not auto_upgrade:
+        except SchemaOutOfDate as exc:
+            if not auto_upgrade or isinstance(exc, UnknownRevision):
                 raise
         upgrade(database_url)
         return check_schema(engine, database_url)

@@ -18,7 +18,6 @@ from server.store.runs import decode_cursor, encode_cursor
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 
-
 @router.post("", response_model=RunPublic, status_code=status.HTTP_201_CREATED)
 def create_run(data: RunCreate, state: State, who: Worker) -> RunPublic:
     """Create a run (status `running`). Returns it with its `id`."""
@@ -98,5 +97,3 @@ def read_event(run_id: int, event_id: int, state: State, _: Viewer) -> EventPubl
         if event is None:
             raise NotFound(f"run {run_id} has no event {event_id}")
         return EventPublic.model_validate(event, from_attributes=True)
-
-

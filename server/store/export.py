@@ -61,7 +61,7 @@ def export_points(
                     .where(MetricPoint.series_id == series_id, MetricPoint.step > after)
                     .order_by(MetricPoint.step)
                     .limit(CHUNK_ROWS)
-                ).tuples().all()
+                ).all()
                 if not rows:
                     break
                 yield _format(fmt, key, rows)

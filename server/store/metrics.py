@@ -108,11 +108,15 @@ def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResul
                 if _same(stored[step], group.rows[step][0]):
                     duplicates += 1
                 else:
-                    conflicts.append({
-                        "index": group.index[step], "key": key, "step": step,
-                        "stored": encode_stored_value(stored[step]),
-                        "sent": encode_stored_value(group.rows[step][0]),
-                    })
+                    conflicts.append(
+                        {
+                            "index": group.index[step],
+                            "key": key,
+                            "step": step,
+                            "stored": encode_stored_value(stored[step]),
+                            "sent": encode_stored_value(group.rows[step][0]),
+                        }
+                    )
                 continue
             new_steps.append(step)
             inserts.append((s.id, step, *group.rows[step]))
@@ -183,8 +187,13 @@ def rewind(session: Session, run: Run, step: int, *, reason: str, actor: str) ->
         run_id=run.id,
         kind="metrics.rewound",
         actor=actor,
-        payload={"step": step, "reason": reason, "removed": removed, "columns": ["step", "value", "epoch", "time"],
-                 "points": archived},
+        payload={
+            "step": step,
+            "reason": reason,
+            "removed": removed,
+            "columns": ["step", "value", "epoch", "time"],
+            "points": archived,
+        },
     )
     heartbeat(run)
     return RewindOutcome(event_id=event.id, removed=removed)
@@ -206,4 +215,3 @@ def _refresh_latest(session: Session, s: Series, removed: int) -> None:
 
 def count_points(session: Session, series_id: int) -> int:
     return session.scalar(select(func.count()).where(MetricPoint.series_id == series_id)) or 0
-

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import and_, case, delete, insert, select
+from sqlalchemy import Table, and_, case, delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from server.models import MetricPoint, MetricRollup
@@ -44,9 +46,20 @@ class Summary:
             if self.nan_step is None or step < self.nan_step:
                 self.nan_step = step
             return
-        if self.min_value is None or value < self.min_value:
+        self.merge_min(step, value)
+        self.merge_max(step, value)
+
+    # Ties go to the earlier step, so the result does not depend on the order points arrived in.
+    def merge_min(self, step: int | None, value: float | None) -> None:
+        if value is None or step is None:
+            return
+        if self.min_value is None or self.min_step is None or (value, step) < (self.min_value, self.min_step):
             self.min_value, self.min_step = value, step
-        if self.max_value is None or value > self.max_value:
+
+    def merge_max(self, step: int | None, value: float | None) -> None:
+        if value is None or step is None:
+            return
+        if self.max_value is None or self.max_step is None or (-value, step) < (-self.max_value, self.max_step):
             self.max_value, self.max_step = value, step
 
     def merge(self, other: Summary) -> None:
@@ -54,10 +67,8 @@ class Summary:
         self.nan_count += other.nan_count
         if other.nan_step is not None and (self.nan_step is None or other.nan_step < self.nan_step):
             self.nan_step = other.nan_step
-        if other.min_value is not None and (self.min_value is None or other.min_value < self.min_value):
-            self.min_value, self.min_step = other.min_value, other.min_step
-        if other.max_value is not None and (self.max_value is None or other.max_value > self.max_value):
-            self.max_value, self.max_step = other.max_value, other.max_step
+        self.merge_min(other.min_step, other.min_value)
+        self.merge_max(other.max_step, other.max_value)
 
 
 def summarise(points: Iterable[tuple[int, float | None]]) -> list[dict[int, Summary]]:
@@ -98,8 +109,8 @@ def _row(series_id: int, level: int, bucket: int, s: Summary) -> dict[str, objec
     }
 
 
-def _merge_statement(dialect: str):  # type: ignore[no-untyped-def]
-    table = MetricRollup.__table__
+def _merge_statement(dialect: str) -> Executable:
+    table = cast(Table, MetricRollup.__table__)
     stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     new = stmt.excluded
     old = table.c
@@ -107,8 +118,8 @@ def _merge_statement(dialect: str):  # type: ignore[no-untyped-def]
     def pick(take_new: ColumnElement[bool], column: str) -> ColumnElement[object]:
         return case((take_new, new[column]), else_=old[column])
 
-    take_min = or_null(old.min_value, new.min_value < old.min_value, new.min_value)
-    take_max = or_null(old.max_value, new.max_value > old.max_value, new.max_value)
+    take_min = or_null(old.min_value, _better(new.min_value < old.min_value, new, old, "min"), new.min_value)
+    take_max = or_null(old.max_value, _better(new.max_value > old.max_value, new, old, "max"), new.max_value)
     take_nan = or_null(old.nan_step, new.nan_step < old.nan_step, new.nan_step)
     return stmt.on_conflict_do_update(
         index_elements=["series_id", "level", "bucket"],
@@ -122,6 +133,14 @@ def _merge_statement(dialect: str):  # type: ignore[no-untyped-def]
             "max_value": pick(take_max, "max_value"),
         },
     )
+
+
+def _better(strictly: ColumnElement[bool], new: Any, old: Any, which: str) -> ColumnElement[bool]:
+    """Strictly better, or equal at an earlier step (the same tie rule as ``Summary``)."""
+    tie: ColumnElement[bool] = (new[f"{which}_value"] == old[f"{which}_value"]) & (
+        new[f"{which}_step"] < old[f"{which}_step"]
+    )
+    return strictly | tie
 
 
 def or_null(old: ColumnElement[object], better: ColumnElement[bool], new: ColumnElement[object]) -> ColumnElement[bool]:
@@ -164,7 +183,9 @@ def rebuild_tail(session: Session, series_id: int, last_step: int) -> None:
     for level in range(1, len(SHIFTS)):
         bucket = last_step >> SHIFTS[level]
         merged = Summary()
-        for child in read_level(session, series_id, level - 1, bucket << FANOUT_SHIFT, ((bucket + 1) << FANOUT_SHIFT) - 1):
+        for child in read_level(
+            session, series_id, level - 1, bucket << FANOUT_SHIFT, ((bucket + 1) << FANOUT_SHIFT) - 1
+        ):
             merged.merge(child[1])
         if rebuilt[-1][2].count:
             merged.merge(rebuilt[-1][2])
@@ -189,10 +210,17 @@ def rebuild_all(session: Session, series_ids: Sequence[int]) -> None:
     """Recompute every level from the raw points (used after bulk changes and to check consistency)."""
     for series_id in series_ids:
         session.execute(delete(MetricRollup).where(MetricRollup.series_id == series_id))
-        points = session.execute(
-            select(MetricPoint.step, MetricPoint.value).where(MetricPoint.series_id == series_id)
-        )
+        points = session.execute(select(MetricPoint.step, MetricPoint.value).where(MetricPoint.series_id == series_id))
         add_points(session, series_id, ((int(s), v) for s, v in points))
 
 
-__all__ = ["SHIFTS", "WIDTHS", "Summary", "add_points", "read_level", "rebuild_all", "rebuild_tail", "summarise"]
+__all__ = [
+    "SHIFTS",
+    "WIDTHS",
+    "Summary",
+    "add_points",
+    "read_level",
+    "rebuild_all",
+    "rebuild_tail",
+    "summarise",
+]

@@ -110,7 +110,7 @@ def effective_status(run: Run, *, now: dt.datetime, grace: dt.timedelta) -> str:
     return run.status
 
 
-def _filtered(query: Select[tuple[Run]], flt: RunFilter, *, cutoff: dt.datetime) -> Select[tuple[Run]]:
+def _filtered(query: Select[Run], flt: RunFilter, *, cutoff: dt.datetime) -> Select[Run]:
     if flt.status == "stale":
         query = query.where(and_(Run.status == "running", Run.last_heartbeat_at < cutoff))
     elif flt.status == "running":
@@ -179,7 +179,7 @@ def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> 
             project=r.project,
             tags=tags[r.id],
             notes=r.notes,
-            status=effective_status(r, now=now, grace=grace),  # type: ignore[arg-type]
+            status=effective_status(r, now=now, grace=grace),
             config=r.config,
             created_at=r.created_at,
             updated_at=r.updated_at,

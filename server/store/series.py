@@ -36,7 +36,9 @@ def series_of(session: Session, run_id: int, keys: Sequence[str] | None) -> list
     return list(session.scalars(query.order_by(Series.key)))
 
 
-def _raw(session: Session, series_id: int, lo: int, hi: int, limit: int | None = None) -> list[tuple[int, float | None, float | None, float]]:
+def _raw(
+    session: Session, series_id: int, lo: int, hi: int, limit: int | None = None
+) -> list[tuple[int, float | None, float | None, float]]:
     query = (
         select(MetricPoint.step, MetricPoint.value, MetricPoint.epoch, MetricPoint.time)
         .where(MetricPoint.series_id == series_id, MetricPoint.step >= lo, MetricPoint.step <= hi)
@@ -56,7 +58,9 @@ def _bounds(session: Session, series_id: int, lo: int, hi: int) -> StepRange | N
     return None if first is None else StepRange(int(first), int(last))
 
 
-def _out(key: str, rows: Sequence[tuple[int, float | None, float | None, float]], total: int, downsampled: bool) -> SeriesOut:
+def _out(
+    key: str, rows: Sequence[tuple[int, float | None, float | None, float]], total: int, downsampled: bool
+) -> SeriesOut:
     return SeriesOut(
         key=key,
         steps=[r[0] for r in rows],
@@ -68,9 +72,7 @@ def _out(key: str, rows: Sequence[tuple[int, float | None, float | None, float]]
     )
 
 
-def query_series(
-    session: Session, series: Series, *, min_step: int, max_step: int, max_points: int
-) -> SeriesOut:
+def query_series(session: Session, series: Series, *, min_step: int, max_step: int, max_points: int) -> SeriesOut:
     head = _raw(session, series.id, min_step, max_step, limit=max_points + 1)
     if len(head) <= max_points:
         return _out(series.key, head, len(head), downsampled=False)
@@ -133,7 +135,9 @@ def _coarsest_level(bucket_width: float) -> int | None:
     return best
 
 
-def _points_at(session: Session, series_id: int, steps: Sequence[int]) -> list[tuple[int, float | None, float | None, float]]:
+def _points_at(
+    session: Session, series_id: int, steps: Sequence[int]
+) -> list[tuple[int, float | None, float | None, float]]:
     rows: list[tuple[int, float | None, float | None, float]] = []
     for i in range(0, len(steps), LOOKUP_CHUNK):
         chunk = steps[i : i + LOOKUP_CHUNK]

@@ -1,0 +1,116 @@
+"""Shared fixtures: a fresh database per test on both engines, a migrated schema, and a real HTTP server.
+
+Every test that takes ``db_url`` runs twice: on a SQLite file in its own temporary directory, and on the
+real Postgres server (``STAGEWATCH_TEST_POSTGRES``, default 127.0.0.1:5432) in a schema of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.migrate import upgrade
+from server.settings import Settings
+
+POSTGRES_ADMIN = os.environ.get("STAGEWATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_schema_url(schema: str) -> str:
+    # search_path in the connection options puts every table, and alembic's version table, in the schema.
+    sep = "&" if "?" in POSTGRES_ADMIN else "?"
+    return f"{POSTGRES_ADMIN}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own for this test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'stagewatch.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield postgres_schema_url(schema)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def migrated_url(db_url: str) -> str:
+    upgrade(db_url)
+    return db_url
+
+
+@pytest.fixture
+def settings(migrated_url: str) -> Settings:
+    return Settings(database_url=migrated_url, auth=False, heartbeat_grace_s=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """The real app under uvicorn on a loopback port, in a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.stagewatch.engine.dispose()
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[LiveServer]:
+    with LiveServer(create_app(settings)) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def make_run(client: httpx.Client, **fields: object) -> int:
+    response = client.post("/api/v1/runs", json={"name": "test", **fields})
+    assert response.status_code == 201, response.text
+    run_id: int = response.json()["id"]
+    return run_id
+
+
+def points(key: str, steps: range, value: float = 0.5) -> list[dict[str, object]]:
+    return [{"key": key, "step": s, "value": value + s * 1e-3} for s in steps]
