@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -23,45 +24,77 @@ LOOKUP_CHUNK = 500
 
 
 @dataclass
-class _KeyBatch:
-    """The points of one key within a batch, deduplicated, with where each came from in the request."""
+class _Column:
+    """The points of one key within a batch, column-wise, deduplicated; ``index`` is each point's position in
+    the request (for error messages). Column lists, built with C-level map/zip, keep a 10,000-point batch
+    to a few milliseconds of Python."""
 
     key: str
-    rows: dict[int, tuple[float | None, float | None, float]] = field(default_factory=dict)
-    index: dict[int, int] = field(default_factory=dict)
+    index: list[int]
+    steps: list[int]
+    values: list[float | None]  # None is NaN, as stored
+    epochs: list[float | None]
+    times: list[float]
 
-
-def _stored(value: float) -> float | None:
-    return None if math.isnan(value) else value
+    def take(self, keep: Sequence[int]) -> _Column:
+        return _Column(
+            self.key,
+            [self.index[j] for j in keep],
+            [self.steps[j] for j in keep],
+            [self.values[j] for j in keep],
+            [self.epochs[j] for j in keep],
+            [self.times[j] for j in keep],
+        )
 
 
 def _same(a: float | None, b: float | None) -> bool:
     return a == b or (a is None and b is None)
 
 
-def _group(points: Sequence[PointIn], now: float) -> dict[str, _KeyBatch]:
-    groups: dict[str, _KeyBatch] = {}
-    for i, p in enumerate(points):
-        key = p["key"]
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _KeyBatch(key)
-        step = p["step"]
-        value = _stored(p["value"])
-        epoch = p.get("epoch")
-        row = (value, None if epoch is None or math.isnan(epoch) else epoch, p.get("time") or now)
-        previous = group.rows.get(step)
-        if previous is not None:
-            if not _same(previous[0], value):
-                first = group.index[step]
-                raise Invalid(
-                    f"points[{i}]: key {key!r} step {step} appears twice in the batch with different values "
-                    f"(points[{first}] has {encode_stored_value(previous[0])}, this one {encode_stored_value(value)})"
-                )
-            continue
-        group.rows[step] = row
-        group.index[step] = i
-    return groups
+def _columns(points: Sequence[PointIn], now: float) -> list[_Column]:
+    keys = list(map(itemgetter("key"), points))
+    steps = list(map(itemgetter("step"), points))
+    values = [None if v != v else v for v in map(itemgetter("value"), points)]  # v != v: NaN
+    epochs = [p.get("epoch") for p in points]
+    times = [now if t is None else t for t in (p.get("time") for p in points)]
+    positions: dict[str, list[int]] = {}
+    if len(set(keys)) == 1:
+        positions[keys[0]] = list(range(len(keys)))
+    else:
+        for i, key in enumerate(keys):
+            positions.setdefault(key, []).append(i)
+    columns = []
+    for key, idx in positions.items():
+        column = _Column(
+            key,
+            idx,
+            [steps[i] for i in idx],
+            [values[i] for i in idx],
+            [epochs[i] for i in idx],
+            [times[i] for i in idx],
+        )
+        if len(set(column.steps)) != len(column.steps):
+            column = _dedupe(column)
+        columns.append(column)
+    return columns
+
+
+def _dedupe(column: _Column) -> _Column:
+    """Drop repeats of a (key, step) within one batch; a repeat with another value is an error."""
+    first: dict[int, int] = {}
+    keep = []
+    for j, step in enumerate(column.steps):
+        seen = first.get(step)
+        if seen is None:
+            first[step] = j
+            keep.append(j)
+        elif not _same(column.values[seen], column.values[j]):
+            raise Invalid(
+                f"points[{column.index[j]}]: key {column.key!r} step {step} appears twice in the batch with "
+                f"different values (points[{column.index[seen]}] has {encode_stored_value(column.values[seen])}, "
+                f"this one {encode_stored_value(column.values[j])})"
+            )
+    return column.take(keep)
 
 
 def _series_for(session: Session, run_id: int, keys: Sequence[str]) -> dict[str, Series]:
@@ -88,41 +121,21 @@ def _stored_values(session: Session, series_id: int, steps: Sequence[int]) -> di
 def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResult:
     """Store a batch. Identical resends are counted as duplicates; a changed value is a 409 and the whole
     batch is rejected, so a failed request changes nothing."""
-    now = time.time()
-    groups = _group(points, now)
-    series = _series_for(session, run.id, list(groups))
-    inserts: list[tuple[Any, ...]] = []
-    fresh: list[tuple[Series, list[int]]] = []
+    columns = _columns(points, time.time())
+    series = _series_for(session, run.id, [c.key for c in columns])
+    fresh: list[tuple[Series, _Column]] = []
     conflicts: list[dict[str, Any]] = []
-    duplicates = 0
-    for key, group in groups.items():
-        s = series[key]
-        steps = list(group.rows)
-        if s.last_step is not None and min(steps) <= s.last_step:
-            stored = _stored_values(session, s.id, steps)
+    for column in columns:
+        s = series[column.key]
+        if s.last_step is not None and min(column.steps) <= s.last_step:
+            new, clashes = _split_stored(session, s.id, column)
+            conflicts += clashes
         else:
-            stored = {}  # pure append, the common case: nothing to look up
-        new_steps = []
-        for step in steps:
-            if step in stored:
-                if _same(stored[step], group.rows[step][0]):
-                    duplicates += 1
-                else:
-                    conflicts.append(
-                        {
-                            "index": group.index[step],
-                            "key": key,
-                            "step": step,
-                            "stored": encode_stored_value(stored[step]),
-                            "sent": encode_stored_value(group.rows[step][0]),
-                        }
-                    )
-                continue
-            new_steps.append(step)
-            inserts.append((s.id, step, *group.rows[step]))
-        fresh.append((s, new_steps))
+            new = column  # pure append, the common case: nothing can be stored there yet
+        if new.steps:
+            fresh.append((s, new))
     if conflicts:
-        conflicts.sort(key=lambda c: c["index"])
+        conflicts.sort(key=itemgetter("index"))
         c = conflicts[0]
         raise Conflict(
             f"points[{c['index']}]: key {c['key']!r} step {c['step']} is already stored with value {c['stored']}, "
@@ -130,21 +143,46 @@ def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResul
             "(POST /api/v1/runs/{id}/rewind) to replace them.",
             extra={"conflicts": conflicts[:20]},
         )
-    duplicates += len(points) - sum(len(g.rows) for g in groups.values())
-    if inserts:
-        _bulk_insert(session, inserts)
-    for s, new_steps in fresh:
-        if not new_steps:
-            continue
-        rows = groups[s.key].rows
-        rollups.add_points(session, s.id, ((step, rows[step][0]) for step in new_steps))
-        s.point_count += len(new_steps)
-        top = max(new_steps)
-        if s.last_step is None or top > s.last_step:
-            s.last_step = top
-            s.last_value, s.last_epoch, s.last_time = rows[top]
+    inserted = 0
+    rows: list[tuple[Any, ...]] = []
+    for s, new in fresh:
+        rows += zip(repeat(s.id), new.steps, new.values, new.epochs, new.times, strict=False)
+        inserted += len(new.steps)
+        _advance_latest(s, new)
+    if rows:
+        _bulk_insert(session, rows)
+        rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
     heartbeat(run)
-    return IngestResult(accepted=len(points), inserted=len(inserts), duplicates=duplicates)
+    return IngestResult(accepted=len(points), inserted=inserted, duplicates=len(points) - inserted)
+
+
+def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_Column, list[dict[str, Any]]]:
+    """The points of ``column`` not stored yet, and those stored with another value (conflicts)."""
+    stored = _stored_values(session, series_id, column.steps)
+    keep = []
+    conflicts = []
+    for j, step in enumerate(column.steps):
+        if step not in stored:
+            keep.append(j)
+        elif not _same(stored[step], column.values[j]):
+            conflicts.append(
+                {
+                    "index": column.index[j],
+                    "key": column.key,
+                    "step": step,
+                    "stored": encode_stored_value(stored[step]),
+                    "sent": encode_stored_value(column.values[j]),
+                }
+            )
+    return column.take(keep), conflicts
+
+
+def _advance_latest(s: Series, new: _Column) -> None:
+    s.point_count += len(new.steps)
+    top = max(range(len(new.steps)), key=new.steps.__getitem__)
+    if s.last_step is None or new.steps[top] > s.last_step:
+        s.last_step = new.steps[top]
+        s.last_value, s.last_epoch, s.last_time = new.values[top], new.epochs[top], new.times[top]
 
 
 def _bulk_insert(session: Session, rows: list[tuple[Any, ...]]) -> None:

@@ -12,8 +12,10 @@ rebuilds the buckets it cut through (``rebuild_tail``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from operator import lt
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, case, delete, insert, select
@@ -71,17 +73,41 @@ class Summary:
         self.merge_max(other.max_step, other.max_value)
 
 
-def summarise(points: Iterable[tuple[int, float | None]]) -> list[dict[int, Summary]]:
-    """Summaries of ``(step, value)`` points at every level; value ``None`` is NaN."""
-    shift0 = SHIFTS[0]
-    base: dict[int, Summary] = {}
-    for step, value in points:
-        bucket = step >> shift0
-        summary = base.get(bucket)
-        if summary is None:
-            summary = base[bucket] = Summary()
-        summary.add_point(step, value)
-    levels = [base]
+def _sorted_by_step(
+    steps: Sequence[int], values: Sequence[float | None]
+) -> tuple[Sequence[int], Sequence[float | None]]:
+    if all(map(lt, steps, steps[1:])):
+        return steps, values
+    order = sorted(range(len(steps)), key=steps.__getitem__)
+    return [steps[i] for i in order], [values[i] for i in order]
+
+
+def _base_level(steps: Sequence[int], values: Sequence[float | None]) -> dict[int, Summary]:
+    """Level 0, one slice per bucket: builtin min/max over each slice keep this at C speed. ``list.index``
+    finds the first occurrence, i.e. the earliest step, as the tie rule wants."""
+    steps, values = _sorted_by_step(steps, values)
+    shift = SHIFTS[0]
+    buckets = [step >> shift for step in steps]
+    cuts = [i for i in range(1, len(buckets)) if buckets[i] != buckets[i - 1]]
+    out: dict[int, Summary] = {}
+    for lo, hi in zip([0, *cuts], [*cuts, len(buckets)], strict=True):
+        chunk = values[lo:hi]
+        summary = out[buckets[lo]] = Summary()
+        if None in chunk:
+            for step, value in zip(steps[lo:hi], chunk, strict=True):
+                summary.add_point(step, value)
+            continue
+        finite = cast(list[float], chunk)
+        low, high = min(finite), max(finite)
+        summary.count = hi - lo
+        summary.min_value, summary.min_step = low, steps[lo + finite.index(low)]
+        summary.max_value, summary.max_step = high, steps[lo + finite.index(high)]
+    return out
+
+
+def summarise(steps: Sequence[int], values: Sequence[float | None]) -> list[dict[int, Summary]]:
+    """Summaries of points (value ``None`` is NaN) at every level, by bucket."""
+    levels = [_base_level(steps, values)]
     for _ in SHIFTS[1:]:
         parent: dict[int, Summary] = {}
         for bucket, child in levels[-1].items():
@@ -109,6 +135,7 @@ def _row(series_id: int, level: int, bucket: int, s: Summary) -> dict[str, objec
     }
 
 
+@cache
 def _merge_statement(dialect: str) -> Executable:
     table = cast(Table, MetricRollup.__table__)
     stmt = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
@@ -148,12 +175,13 @@ def or_null(old: ColumnElement[object], better: ColumnElement[bool], new: Column
     return (old.is_(None)) | (new.is_not(None) & better)
 
 
-def add_points(session: Session, series_id: int, points: Iterable[tuple[int, float | None]]) -> None:
-    """Merge newly stored points into every level."""
+def add_points(session: Session, batches: Sequence[tuple[int, Sequence[int], Sequence[float | None]]]) -> None:
+    """Merge newly stored points, given as ``(series_id, steps, values)``, into every level."""
     rows = [
-        _row(series_id, level, bucket, s)
-        for level, summaries in enumerate(summarise(points))
-        for bucket, s in summaries.items()
+        _row(series_id, level, bucket, summary)
+        for series_id, steps, values in batches
+        for level, summaries in enumerate(summarise(steps, values))
+        for bucket, summary in summaries.items()
     ]
     if rows:
         session.execute(_merge_statement(session.get_bind().dialect.name), rows)
@@ -210,8 +238,12 @@ def rebuild_all(session: Session, series_ids: Sequence[int]) -> None:
     """Recompute every level from the raw points (used after bulk changes and to check consistency)."""
     for series_id in series_ids:
         session.execute(delete(MetricRollup).where(MetricRollup.series_id == series_id))
-        points = session.execute(select(MetricPoint.step, MetricPoint.value).where(MetricPoint.series_id == series_id))
-        add_points(session, series_id, ((int(s), v) for s, v in points))
+        rows = session.execute(
+            select(MetricPoint.step, MetricPoint.value)
+            .where(MetricPoint.series_id == series_id)
+            .order_by(MetricPoint.step)
+        ).all()
+        add_points(session, [(series_id, [int(r[0]) for r in rows], [r[1] for r in rows])])
 
 
 __all__ = [
