@@ -29,7 +29,11 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     """Build the service. With ``check`` (the default) the database schema must be at the current
     revision; run ``stagewatch db upgrade`` first (``server.migrate``)."""
     engine = make_engine(settings.database_url)
-    revision = check_schema(engine, settings.database_url) if check else None
+    try:
+        revision = check_schema(engine, settings.database_url) if check else None
+    except BaseException:
+        engine.dispose()  # a refused start must not leak its connection pool
+        raise
     app = FastAPI(title="Stagewatch", version=__version__, description=API_DESCRIPTION)
     app.state.stagewatch = AppState(
         settings=settings, engine=engine, sessions=make_session_factory(engine), schema_revision=revision
