@@ -9,8 +9,9 @@ import math
 import time
 
 import httpx
+from sqlalchemy import text
 
-from tests.conftest import make_run, points
+from tests.conftest import LiveServer, make_run, points
 
 
 def series(client: httpx.Client, run_id: int, key: str, **params: int) -> dict[str, object]:
@@ -227,3 +228,34 @@ def test_series_query_validation(client: httpx.Client) -> None:
     assert small.status_code == 422
     assert small.json()["detail"].startswith("max_points")
     assert client.get("/api/v1/runs/999/metrics").status_code == 404
+
+
+def test_export_abandoned_by_the_client_ends_its_transaction(server: LiveServer, client: httpx.Client) -> None:
+    run_id = make_run(client)
+    ingest(client, run_id, points("loss", range(60_000)))
+    with (
+        httpx.Client(base_url=server.url) as reader,
+        reader.stream("GET", f"/api/v1/runs/{run_id}/metrics/export") as response,
+    ):
+        first = next(response.iter_bytes())
+        assert first.startswith(b"key,step,value,epoch,time\n")
+    # The server notices the disconnect, stops the producer and closes the read transaction: writes go on,
+    # and (on Postgres) no connection is left idle inside a transaction.
+    assert ingest(client, run_id, points("loss", range(60_000, 60_010))).status_code == 200
+    engine = server.app.state.stagewatch.engine
+    if engine.dialect.name == "postgresql":
+        deadline = time.monotonic() + 10
+        while True:
+            with engine.connect() as connection:
+                stuck = connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                        "AND query LIKE '%metric_points%'"
+                    )
+                ).scalar_one()
+            if stuck == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert stuck == 0
+    full = client.get(f"/api/v1/runs/{run_id}/metrics/export").text
+    assert len(full.splitlines()) == 1 + 60_010

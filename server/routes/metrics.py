@@ -18,6 +18,7 @@ from server.store import metrics as store
 from server.store.export import ExportFormat, export_points
 from server.store.runs import get_run
 from server.store.series import query_series, series_of
+from server.streaming import prefetched
 
 router = APIRouter(prefix="/api/v1/runs", tags=["metrics"])
 
@@ -131,7 +132,7 @@ def export_metrics(
     with transaction(state.sessions) as session:
         get_run(session, run_id)
     return StreamingResponse(
-        export_points(state.sessions, run_id, key, format),
+        prefetched(export_points(state.sessions, run_id, key, format)),
         media_type=EXPORT_MEDIA[format],
         headers={"Content-Disposition": f'attachment; filename="run-{run_id}-metrics.{format}"'},
     )

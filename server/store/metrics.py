@@ -17,10 +17,8 @@ from server.models import MetricPoint, Run, Series
 from server.schemas import IngestResult, PointIn, encode_stored_value
 from server.store import rollups
 from server.store.events import record_event
+from server.store.points import insert_points, values_at
 from server.store.runs import heartbeat
-
-# Rows per "step IN (...)" lookup: well under SQLite's bound-parameter limit.
-LOOKUP_CHUNK = 500
 
 
 @dataclass
@@ -107,17 +105,6 @@ def _series_for(session: Session, run_id: int, keys: Sequence[str]) -> dict[str,
     return existing
 
 
-def _stored_values(session: Session, series_id: int, steps: Sequence[int]) -> dict[int, float | None]:
-    found: dict[int, float | None] = {}
-    for i in range(0, len(steps), LOOKUP_CHUNK):
-        chunk = steps[i : i + LOOKUP_CHUNK]
-        query = select(MetricPoint.step, MetricPoint.value).where(
-            MetricPoint.series_id == series_id, MetricPoint.step.in_(chunk)
-        )
-        found.update((int(step), value) for step, value in session.execute(query))
-    return found
-
-
 def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResult:
     """Store a batch. Identical resends are counted as duplicates; a changed value is a 409 and the whole
     batch is rejected, so a failed request changes nothing."""
@@ -150,7 +137,7 @@ def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResul
         inserted += len(new.steps)
         _advance_latest(s, new)
     if rows:
-        _bulk_insert(session, rows)
+        insert_points(session, rows)
         rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
     heartbeat(run)
     return IngestResult(accepted=len(points), inserted=inserted, duplicates=len(points) - inserted)
@@ -158,7 +145,7 @@ def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResul
 
 def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_Column, list[dict[str, Any]]]:
     """The points of ``column`` not stored yet, and those stored with another value (conflicts)."""
-    stored = _stored_values(session, series_id, column.steps)
+    stored = values_at(session, series_id, column.steps)
     keep = []
     conflicts = []
     for j, step in enumerate(column.steps):
@@ -183,17 +170,6 @@ def _advance_latest(s: Series, new: _Column) -> None:
     if s.last_step is None or new.steps[top] > s.last_step:
         s.last_step = new.steps[top]
         s.last_value, s.last_epoch, s.last_time = new.values[top], new.epochs[top], new.times[top]
-
-
-def _bulk_insert(session: Session, rows: list[tuple[Any, ...]]) -> None:
-    """The hot path: one driver-level executemany, skipping the ORM's per-row bookkeeping."""
-    connection = session.connection()
-    marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    sql = (
-        "INSERT INTO metric_points (series_id, step, value, epoch, time) "
-        f"VALUES ({marker}, {marker}, {marker}, {marker}, {marker})"
-    )
-    connection.exec_driver_sql(sql, rows)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from server.models import MetricPoint, MetricRollup
+from server.store.points import driver_cursor
 
 SHIFTS = (4, 7, 10, 13, 16, 19)
 WIDTHS = tuple(1 << s for s in SHIFTS)
@@ -234,6 +235,24 @@ def read_level(session: Session, series_id: int, level: int, first: int, last: i
     return [(row[0], Summary(*row[1:])) for row in rows]
 
 
+def read_level_rows(
+    session: Session, series_id: int, level: int, first: int, last: int
+) -> list[tuple[int, int | None, int | None, float | None, int | None, float | None]]:
+    """``read_level`` for the query hot path: plain ``(count, nan_step, min_step, min_value, max_step,
+    max_value)`` tuples straight from the driver, thousands of rows per request."""
+    cursor, mark = driver_cursor(session)
+    try:
+        cursor.execute(
+            "SELECT count, nan_step, min_step, min_value, max_step, max_value FROM metric_rollups "
+            f"WHERE series_id = {mark} AND level = {mark} AND bucket >= {mark} AND bucket <= {mark} ORDER BY bucket",
+            (series_id, level, first, last),
+        )
+        rows: list[tuple[int, int | None, int | None, float | None, int | None, float | None]] = cursor.fetchall()
+        return rows
+    finally:
+        cursor.close()
+
+
 def rebuild_all(session: Session, series_ids: Sequence[int]) -> None:
     """Recompute every level from the raw points (used after bulk changes and to check consistency)."""
     for series_id in series_ids:
@@ -252,6 +271,7 @@ __all__ = [
     "Summary",
     "add_points",
     "read_level",
+    "read_level_rows",
     "rebuild_all",
     "rebuild_tail",
     "summarise",

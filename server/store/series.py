@@ -10,23 +10,15 @@ range, never from a full scan.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.models import MetricPoint, Series
+from server.models import Series
 from server.schemas import SeriesOut, encode_stored_value, encode_value
-from server.store import rollups
-from server.store.rollups import SHIFTS, Summary
-
-LOOKUP_CHUNK = 500
-
-
-@dataclass(frozen=True)
-class StepRange:
-    lo: int
-    hi: int
+from server.store import points as raw
+from server.store.points import PointRow
+from server.store.rollups import SHIFTS, read_level_rows
 
 
 def series_of(session: Session, run_id: int, keys: Sequence[str] | None) -> list[Series]:
@@ -36,31 +28,7 @@ def series_of(session: Session, run_id: int, keys: Sequence[str] | None) -> list
     return list(session.scalars(query.order_by(Series.key)))
 
 
-def _raw(
-    session: Session, series_id: int, lo: int, hi: int, limit: int | None = None
-) -> list[tuple[int, float | None, float | None, float]]:
-    query = (
-        select(MetricPoint.step, MetricPoint.value, MetricPoint.epoch, MetricPoint.time)
-        .where(MetricPoint.series_id == series_id, MetricPoint.step >= lo, MetricPoint.step <= hi)
-        .order_by(MetricPoint.step)
-    )
-    if limit is not None:
-        query = query.limit(limit)
-    return [tuple(r) for r in session.execute(query)]  # type: ignore[misc]
-
-
-def _bounds(session: Session, series_id: int, lo: int, hi: int) -> StepRange | None:
-    first, last = session.execute(
-        select(func.min(MetricPoint.step), func.max(MetricPoint.step)).where(
-            MetricPoint.series_id == series_id, MetricPoint.step >= lo, MetricPoint.step <= hi
-        )
-    ).one()
-    return None if first is None else StepRange(int(first), int(last))
-
-
-def _out(
-    key: str, rows: Sequence[tuple[int, float | None, float | None, float]], total: int, downsampled: bool
-) -> SeriesOut:
+def _out(key: str, rows: Sequence[PointRow], total: int, downsampled: bool) -> SeriesOut:
     return SeriesOut(
         key=key,
         steps=[r[0] for r in rows],
@@ -73,57 +41,96 @@ def _out(
 
 
 def query_series(session: Session, series: Series, *, min_step: int, max_step: int, max_points: int) -> SeriesOut:
-    head = _raw(session, series.id, min_step, max_step, limit=max_points + 1)
+    head = raw.points_in_range(session, series.id, min_step, max_step, limit=max_points + 1)
     if len(head) <= max_points:
         return _out(series.key, head, len(head), downsampled=False)
-    span = _bounds(session, series.id, min_step, max_step)
-    assert span is not None  # there are points in range: `head` is not empty
-    buckets, total = _bucket_extremes(session, series.id, span, n_buckets=max(1, (max_points - 1) // 2))
-    chosen = sorted({step for b in buckets for step in _representatives(b)} | {span.hi})
-    rows = _points_at(session, series.id, chosen)
-    return _out(series.key, rows, total, downsampled=True)
+    bounds = raw.step_bounds(session, series.id, min_step, max_step)
+    assert bounds is not None  # there are points in range: `head` is not empty
+    extremes = _Extremes(*bounds, n_buckets=max(1, (max_points - 1) // 2))
+    extremes.collect(session, series.id)
+    chosen = sorted(extremes.representatives() | {bounds[1]})
+    return _out(series.key, raw.points_at(session, series.id, chosen), extremes.total, downsampled=True)
 
 
-def _representatives(s: Summary) -> tuple[int, ...]:
-    low = s.nan_step if s.nan_step is not None else s.min_step
-    return tuple(step for step in (low, s.max_step) if step is not None)
+class _Extremes:
+    """Per output bucket: the (value, step) of its minimum and maximum, and its first NaN step. Ties go to
+    the earlier step, as in the rollups."""
 
+    def __init__(self, lo: int, hi: int, *, n_buckets: int) -> None:
+        self.lo, self.hi, self.n = lo, hi, n_buckets
+        self.width = (hi - lo + 1) / n_buckets
+        self.low: list[tuple[float, int] | None] = [None] * n_buckets
+        self.high: list[tuple[float, int] | None] = [None] * n_buckets  # stored as (-value, step)
+        self.nan: list[int | None] = [None] * n_buckets
+        self.total = 0
 
-def _bucket_extremes(session: Session, series_id: int, span: StepRange, *, n_buckets: int) -> tuple[list[Summary], int]:
-    """Per output bucket, a summary whose min/max/NaN steps are exact points of that bucket."""
-    width = (span.hi - span.lo + 1) / n_buckets
-    out = [Summary() for _ in range(n_buckets)]
+    def _index(self, step: int) -> int:
+        return min(self.n - 1, int((step - self.lo) / self.width))
 
-    def index(step: int) -> int:
-        return min(n_buckets - 1, int((step - span.lo) / width))
+    def add(
+        self,
+        min_step: int | None,
+        min_value: float | None,
+        max_step: int | None,
+        max_value: float | None,
+        nan_step: int | None,
+    ) -> None:
+        if min_step is not None and min_value is not None:
+            i = self._index(min_step)
+            current = self.low[i]
+            if current is None or (min_value, min_step) < current:
+                self.low[i] = (min_value, min_step)
+        if max_step is not None and max_value is not None:
+            i = self._index(max_step)
+            current = self.high[i]
+            if current is None or (-max_value, max_step) < current:
+                self.high[i] = (-max_value, max_step)
+        if nan_step is not None:
+            i = self._index(nan_step)
+            current_nan = self.nan[i]
+            if current_nan is None or nan_step < current_nan:
+                self.nan[i] = nan_step
 
-    total = 0
+    def add_raw(self, session: Session, series_id: int, lo: int, hi: int) -> None:
+        if lo > hi:
+            return
+        for step, value, _epoch, _time in raw.points_in_range(session, series_id, lo, hi):
+            self.total += 1
+            if value is None:
+                self.add(None, None, None, None, step)
+            else:
+                self.add(step, value, step, value, None)
 
-    def add_raw(lo: int, hi: int) -> None:
-        nonlocal total
-        for step, value, _epoch, _time in _raw(session, series_id, lo, hi):
-            out[index(step)].add_point(step, value)
-            total += 1
+    def collect(self, session: Session, series_id: int) -> None:
+        """Raw points at both ends, rollup rows of the coarsest fitting level in between."""
+        level = _coarsest_level(self.width)
+        if level is None:
+            self.add_raw(session, series_id, self.lo, self.hi)
+            return
+        shift = SHIFTS[level]
+        first_full = (self.lo + (1 << shift) - 1) >> shift  # first rollup bucket starting at or after lo
+        last_full = ((self.hi + 1) >> shift) - 1  # last rollup bucket ending at or before hi
+        if first_full > last_full:
+            self.add_raw(session, series_id, self.lo, self.hi)
+            return
+        self.add_raw(session, series_id, self.lo, (first_full << shift) - 1)
+        for count, nan_step, min_step, min_value, max_step, max_value in read_level_rows(
+            session, series_id, level, first_full, last_full
+        ):
+            self.total += count
+            self.add(min_step, min_value, max_step, max_value, nan_step)
+        self.add_raw(session, series_id, (last_full + 1) << shift, self.hi)
 
-    level = _coarsest_level(width)
-    shift = SHIFTS[level] if level is not None else 0
-    first_full = (span.lo + (1 << shift) - 1) >> shift  # first rollup bucket starting at or after lo
-    last_full = ((span.hi + 1) >> shift) - 1  # last rollup bucket ending at or before hi
-    if level is None or first_full > last_full:
-        add_raw(span.lo, span.hi)
-        return out, total
-    add_raw(span.lo, (first_full << shift) - 1)
-    for _bucket, s in rollups.read_level(session, series_id, level, first_full, last_full):
-        total += s.count
-        # Each extreme of a rollup bucket is credited to the output bucket that contains its step.
-        if s.min_step is not None:
-            out[index(s.min_step)].merge(Summary(min_step=s.min_step, min_value=s.min_value))
-        if s.max_step is not None:
-            out[index(s.max_step)].merge(Summary(max_step=s.max_step, max_value=s.max_value))
-        if s.nan_step is not None:
-            out[index(s.nan_step)].merge(Summary(nan_count=1, nan_step=s.nan_step))
-    add_raw((last_full + 1) << shift, span.hi)
-    return out, total
+    def representatives(self) -> set[int]:
+        steps: set[int] = set()
+        for low, high, nan in zip(self.low, self.high, self.nan, strict=True):
+            if nan is not None:
+                steps.add(nan)
+            elif low is not None:
+                steps.add(low[1])
+            if high is not None:
+                steps.add(high[1])
+        return steps
 
 
 def _coarsest_level(bucket_width: float) -> int | None:
@@ -133,17 +140,3 @@ def _coarsest_level(bucket_width: float) -> int | None:
         if (1 << shift) * 2 <= bucket_width:
             best = level
     return best
-
-
-def _points_at(
-    session: Session, series_id: int, steps: Sequence[int]
-) -> list[tuple[int, float | None, float | None, float]]:
-    rows: list[tuple[int, float | None, float | None, float]] = []
-    for i in range(0, len(steps), LOOKUP_CHUNK):
-        chunk = steps[i : i + LOOKUP_CHUNK]
-        query = select(MetricPoint.step, MetricPoint.value, MetricPoint.epoch, MetricPoint.time).where(
-            MetricPoint.series_id == series_id, MetricPoint.step.in_(chunk)
-        )
-        rows.extend(tuple(r) for r in session.execute(query))  # type: ignore[misc]
-    rows.sort()
-    return rows

@@ -1,0 +1,126 @@
+"""Raw access to ``metric_points`` on the hot paths, at driver level, with each engine's fastest form.
+
+Ingest, downsampling and export touch millions of rows; the ORM's per-row bookkeeping would dominate, so
+these functions speak SQL to the DB-API cursor directly. The dialect differences live here and nowhere else:
+SQLite takes multi-row INSERTs and ``IN`` lists; Postgres takes COPY and joins against an ``unnest``-ed
+array, whose plan stays an index lookup even before the table has statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+PointRow = tuple[int, float | None, float | None, float]  # step, value (None = NaN), epoch, time
+
+COLUMNS = "series_id, step, value, epoch, time"
+# SQLite binds at most 32,766 parameters per statement; 1,000 rows of 5 stay far below.
+INSERT_ROWS_PER_STATEMENT = 1000
+IN_LIST_CHUNK = 500
+
+
+def _driver(session: Session) -> tuple[Any, str]:
+    """The DB-API connection under the session's transaction, and the dialect name."""
+    connection = session.connection()
+    return connection.connection.driver_connection, connection.dialect.name
+
+
+def driver_cursor(session: Session) -> tuple[Any, str]:
+    """A DB-API cursor inside the session's transaction, and the driver's parameter marker."""
+    driver, dialect = _driver(session)
+    return driver.cursor(), "%s" if dialect == "postgresql" else "?"
+
+
+def insert_points(session: Session, rows: Sequence[tuple[int, int, float | None, float | None, float]]) -> None:
+    """Insert ``(series_id, step, value, epoch, time)`` rows; the caller has made sure none exists yet."""
+    driver, dialect = _driver(session)
+    if dialect == "postgresql":
+        with driver.cursor() as cursor, cursor.copy(f"COPY metric_points ({COLUMNS}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    cursor = driver.cursor()
+    try:
+        for i in range(0, len(rows), INSERT_ROWS_PER_STATEMENT):
+            chunk = rows[i : i + INSERT_ROWS_PER_STATEMENT]
+            placeholders = ",".join(["(?,?,?,?,?)"] * len(chunk))
+            cursor.execute(
+                f"INSERT INTO metric_points ({COLUMNS}) VALUES {placeholders}", [x for r in chunk for x in r]
+            )
+    finally:
+        cursor.close()
+
+
+def _lookup(session: Session, columns: str, series_id: int, steps: Sequence[int]) -> Iterator[tuple[Any, ...]]:
+    driver, dialect = _driver(session)
+    if dialect == "postgresql":
+        with driver.cursor() as cursor:
+            cursor.execute(
+                f"SELECT {columns} FROM metric_points AS p JOIN unnest(%s::bigint[]) AS wanted(step) "
+                "ON p.series_id = %s AND p.step = wanted.step",
+                (list(steps), series_id),
+            )
+            yield from cursor.fetchall()
+        return
+    cursor = driver.cursor()
+    try:
+        for i in range(0, len(steps), IN_LIST_CHUNK):
+            chunk = steps[i : i + IN_LIST_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            cursor.execute(
+                f"SELECT {columns} FROM metric_points AS p WHERE p.series_id = ? AND p.step IN ({marks})",
+                (series_id, *chunk),
+            )
+            yield from cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+def values_at(session: Session, series_id: int, steps: Sequence[int]) -> dict[int, float | None]:
+    """The stored value at each of ``steps`` that has a point."""
+    return dict(_lookup(session, "p.step, p.value", series_id, steps))
+
+
+def points_at(session: Session, series_id: int, steps: Sequence[int]) -> list[PointRow]:
+    """The stored points at ``steps``, in step order."""
+    return sorted(_lookup(session, "p.step, p.value, p.epoch, p.time", series_id, steps))
+
+
+def points_in_range(session: Session, series_id: int, lo: int, hi: int, *, limit: int | None = None) -> list[PointRow]:
+    """Points with ``lo <= step <= hi`` in step order, at most ``limit``."""
+    cursor, mark = driver_cursor(session)
+    sql = (
+        f"SELECT step, value, epoch, time FROM metric_points WHERE series_id = {mark} "
+        f"AND step >= {mark} AND step <= {mark} ORDER BY step"
+    )
+    params: tuple[int, ...] = (series_id, lo, hi)
+    if limit is not None:
+        sql += f" LIMIT {mark}"
+        params += (limit,)
+    try:
+        cursor.execute(sql, params)
+        rows: list[PointRow] = cursor.fetchall()
+        return rows
+    finally:
+        cursor.close()
+
+
+def step_bounds(session: Session, series_id: int, lo: int, hi: int) -> tuple[int, int] | None:
+    """First and last step in ``[lo, hi]``. Two single-ended index probes: one query asking for min and
+    max together makes SQLite scan the whole range."""
+    first = points_in_range(session, series_id, lo, hi, limit=1)
+    if not first:
+        return None
+    cursor, mark = driver_cursor(session)
+    try:
+        cursor.execute(
+            f"SELECT step FROM metric_points WHERE series_id = {mark} AND step >= {mark} AND step <= {mark} "
+            "ORDER BY step DESC LIMIT 1",
+            (series_id, lo, hi),
+        )
+        (last,) = cursor.fetchone()
+    finally:
+        cursor.close()
+    return first[0][0], int(last)
