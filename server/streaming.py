@@ -10,8 +10,8 @@ from contextlib import closing
 _DONE = object()
 
 
-async def prefetched(chunks: Generator[str], *, depth: int = 2) -> AsyncIterator[bytes]:
-    """Yield ``chunks`` encoded, produced in a worker thread up to ``depth`` ahead of the consumer.
+async def prefetched(chunks: Generator[bytes], *, depth: int = 2) -> AsyncIterator[bytes]:
+    """Yield ``chunks``, produced in a worker thread up to ``depth`` ahead of the consumer.
 
     Starlette iterates a sync generator one step at a time in the thread pool, so the database read and
     formatting of chunk N+1 waits until chunk N has been written to the socket. Here they overlap. When the
@@ -32,7 +32,7 @@ async def prefetched(chunks: Generator[str], *, depth: int = 2) -> AsyncIterator
                 for chunk in chunks:
                     if stop.is_set():
                         break
-                    put(chunk.encode())
+                    put(chunk)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             outcome = exc
         put(outcome)
