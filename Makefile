@@ -6,10 +6,12 @@ STAMP := $(VENV)/.stagewatch-installed
 
 .PHONY: demo test lint typecheck pytest postgres bench fmt clean
 
+# torch is pinned first: 2.13.0 is the CPU build (a plain `torch` requirement could pull a multi-GB CUDA one).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev,train,tensorboard]'
 	touch $(STAMP)
 
 demo: $(STAMP)
