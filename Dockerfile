@@ -17,6 +17,7 @@ COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY migrations /src/migrations
 COPY web /src/web
+COPY trainer /src/trainer
 RUN pip install /src && rm -rf /src
 
 # Unprivileged user; its home holds the embedded SQLite file when no STAGEWATCH_DATABASE_URL is given.

@@ -32,9 +32,7 @@ def make_detector(name: str, params: Mapping[str, Any] | None = None) -> Detecto
     try:
         parsed = cls.Params.model_validate(dict(params or {}))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
         raise DetectorError(f"detector {name!r}: {problems}") from None
     return cls(parsed)
 
