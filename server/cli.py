@@ -1,4 +1,4 @@
-"""The ``stagewatch`` command line: serve, demo, db, token."""
+"""The ``stagewatch`` command line: serve, demo, db, token, replay."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from server.replay import add_arguments as add_replay_arguments
+from server.replay import run as replay_run
 from server.settings import InsecureBindError, Settings, check_bind, embedded_database_url
 
 EXIT_USAGE = 2
@@ -115,6 +117,10 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    return replay_run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagewatch", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -150,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     _add_db_option(revoke)
     token.set_defaults(func=cmd_token)
+
+    replay = verbs.add_parser(
+        "replay",
+        help="run a detector over a recorded run (CSV or TensorBoard log): decisions as JSON lines",
+        description="Run a detector over a recorded run, point by point, and print each decision as one JSON line.",
+    )
+    add_replay_arguments(replay)
+    replay.set_defaults(func=cmd_replay)
     return parser
 
 
