@@ -8,7 +8,7 @@ import pytest
 from server.detectors import make_detector
 from server.detectors.base import Decision
 
-PER_STEP = {"block": 32, "min_stage": 500}
+PER_STEP = {"preset": "step"}
 
 
 def replay(steps: np.ndarray, values: np.ndarray, **params: object) -> list[Decision]:
