@@ -233,10 +233,15 @@ class AutoDecay(Detector[AutoDecayParams]):
         }
         metric = "loss" if p.mode == "min" else "metric"
         whose = "this stage's average" if stage_rate >= self.reference_rate else "the pace of earlier stages,"
+        bound = f"{NormalDist().cdf(p.z):.0%} bound"
+        progress = (
+            f"improved at most {optimistic:.3g} per step ({bound})"
+            if optimistic > 0
+            else f"did not improve (best case {optimistic:.3g} per step, {bound})"
+        )
         sentence = (
-            f"Over steps {window_start}-{step} the {metric} improved at most {optimistic:.3g} per step "
-            f"({NormalDist().cdf(p.z):.0%} bound), under {p.rho:.0%} of {whose} {pace:.3g} per step: "
-            f"the stage that began at step {stage.start_step} has ended."
+            f"Over steps {window_start}-{step} the {metric} {progress}, under {p.rho:.0%} of {whose} "
+            f"{pace:.3g} per step: the stage that began at step {stage.start_step} has ended."
         )
         stop = self.decays >= p.max_decays or (self.lr is not None and self.lr * p.factor < p.min_lr)
         if stop:
