@@ -1,0 +1,66 @@
+"""A thin, typed wrapper over ``httpx`` for the few REST v1 calls a worker makes.
+
+It handles transport concerns only (base URL, bearer token, timeouts, JSON); retry and outage policy live in
+:mod:`trainer.run`. Pass ``transport=`` to run it over any ``httpx`` transport (tests, proxies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+__all__ = ["Client"]
+
+API = "/api/v1"
+
+
+class Client:
+    """REST v1 calls of a worker. Thread-safe (``httpx.Client`` is); close it when done."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            transport=transport,
+        )
+
+    def create_run(self, fields: dict[str, Any]) -> httpx.Response:
+        return self._http.post(f"{API}/runs", json=fields)
+
+    def get_run(self, run_id: int) -> httpx.Response:
+        return self._http.get(f"{API}/runs/{run_id}")
+
+    def update_run(self, run_id: int, fields: dict[str, Any]) -> httpx.Response:
+        return self._http.patch(f"{API}/runs/{run_id}", json=fields)
+
+    def heartbeat(self, run_id: int) -> httpx.Response:
+        return self._http.post(f"{API}/runs/{run_id}/heartbeat")
+
+    def post_metrics(self, run_id: int, body: bytes) -> httpx.Response:
+        """``body`` is an encoded ``{"points": [...]}`` (see :func:`trainer.spool.encode_batch`)."""
+        return self._http.post(
+            f"{API}/runs/{run_id}/metrics", content=body, headers={"content-type": "application/json"}
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The server's ``detail`` message, or the start of the body when it is not the usual JSON error."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail) if detail is not None else response.text[:300]
