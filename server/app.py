@@ -14,7 +14,7 @@ from server.db import make_engine, make_session_factory
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit
 from server.migrate import check_schema
-from server.routes import health, history, metrics, runs
+from server.routes import commands, health, history, metrics, runs
 from server.settings import Settings
 from server.state import AppState
 
@@ -39,7 +39,7 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
         settings=settings, engine=engine, sessions=make_session_factory(engine), schema_revision=revision
     )
     install_error_handlers(app)
-    for router in (health.router, runs.router, metrics.router, history.router):
+    for router in (health.router, runs.router, metrics.router, history.router, commands.router):
         app.include_router(router)
     app.mount("/ui", StaticFiles(directory=Path(web.__file__).parent, html=True), name="ui")
 

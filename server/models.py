@@ -161,7 +161,11 @@ class Stage(Base):
 
 
 class Decision(Base):
-    """A proposed or commanded learning-rate change (or stop), with its evidence and lifecycle state."""
+    """A proposed or commanded learning-rate change (or stop), with its evidence and lifecycle state.
+
+    It is also the worker's durable command queue: an approved decision is a command the worker fetches
+    (``delivered``) and acknowledges with the step and LR at which it applied it (``applied`` or ``failed``).
+    """
 
     __tablename__ = "decisions"
     __table_args__ = (Index("ix_decisions_run_id_status", "run_id", "status"),)
@@ -176,8 +180,14 @@ class Decision(Base):
     source: Mapped[str] = mapped_column(String(64))
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    applied_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    applied_lr: Mapped[float | None] = mapped_column(Double, nullable=True)
+    ack_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    acked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Event(Base):

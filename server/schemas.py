@@ -6,7 +6,16 @@ import datetime as dt
 import math
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema, with_config
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+    with_config,
+)
 from typing_extensions import TypedDict
 
 RunStatus = Literal["running", "finished", "failed"]
@@ -134,6 +143,9 @@ class IngestResult(BaseModel):
     accepted: int = Field(description="Points in the request.")
     inserted: int = Field(description="Points stored by this request.")
     duplicates: int = Field(description="Points already stored with the same value (resends); a no-op.")
+    commands: list[CommandPublic] = Field(
+        default_factory=list, description="Commands waiting for this run's worker (now marked delivered)."
+    )
 
 
 class RewindRequest(Strict):
@@ -188,6 +200,57 @@ class DecisionPublic(BaseModel):
     actor: str
     created_at: dt.datetime
     updated_at: dt.datetime
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+CommandAction = Literal["decay", "set_lr", "stop"]
+CommandStatus = Literal["approved", "delivered", "applied", "failed"]
+
+
+class CommandCreate(Strict):
+    action: CommandAction
+    factor: float | None = Field(default=None, gt=0, lt=1, description="decay: the LR is multiplied by this.")
+    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="set_lr: the new LR.")
+    reason: str = Field(default="", max_length=2000)
+
+    @model_validator(mode="after")
+    def _fields_match_action(self) -> CommandCreate:
+        wanted = {"decay": ("factor",), "set_lr": ("lr",), "stop": ()}[self.action]
+        for name in ("factor", "lr"):
+            given = getattr(self, name) is not None
+            if given and name not in wanted:
+                raise ValueError(f"{name} does not apply to a {self.action} command")
+            if not given and name in wanted:
+                raise ValueError(f"a {self.action} command needs {name}")
+        return self
+
+
+class CommandPublic(BaseModel):
+    id: int
+    action: CommandAction
+    factor: float | None
+    lr: float | None
+    status: str
+    reason: str
+    actor: str
+    created_at: dt.datetime
+    delivered_at: dt.datetime | None
+    acked_at: dt.datetime | None
+    applied_step: int | None
+    applied_lr: float | None
+    ack_message: str | None
+
+
+class CommandList(BaseModel):
+    data: list[CommandPublic]
+
+
+class CommandAck(Strict):
+    status: Literal["applied", "failed"]
+    step: int = Field(ge=0, description="The step boundary at which the worker applied it.")
+    lr: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="The LR now in effect.")
+    message: str = Field(default="", max_length=2000)
 
 
 # --- audit log, tokens, health ----------------------------------------------------------------------------

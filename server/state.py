@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.settings import Settings
+from server.wakeups import Wakeups
 
 
 @dataclass
@@ -19,6 +20,7 @@ class AppState:
     engine: Engine
     sessions: sessionmaker[Session]
     schema_revision: str | None
+    wakeups: Wakeups = field(default_factory=Wakeups)
 
     @property
     def grace(self) -> dt.timedelta:

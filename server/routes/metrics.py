@@ -12,9 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Viewer, Worker
 from server.db import transaction
 from server.errors import Invalid, PayloadTooLarge, invalid_from
-from server.schemas import IngestResult, RewindRequest, RewindResult, SeriesResult, metric_batch_adapter
+from server.schemas import CommandPublic, IngestResult, RewindRequest, RewindResult, SeriesResult, metric_batch_adapter
 from server.state import AppState, State
 from server.store import metrics as store
+from server.store.commands import take_pending
 from server.store.export import ExportFormat, export_points
 from server.store.runs import get_run
 from server.store.series import query_series, series_of
@@ -63,7 +64,10 @@ def _ingest(state: AppState, run_id: int, body: bytes) -> IngestResult:
         raise PayloadTooLarge(f"points: {len(points)} points in one batch, the limit is {limit}; split the batch")
     with transaction(state.sessions, write=True) as session:
         run = get_run(session, run_id, for_update=True)
-        return store.ingest(session, run, points)
+        result = store.ingest(session, run, points)
+        # The worker is talking to us anyway: hand it what is waiting for it.
+        result.commands = [CommandPublic.model_validate(c, from_attributes=True) for c in take_pending(session, run_id)]
+        return result
 
 
 @router.post("/{run_id}/metrics", response_model=IngestResult, openapi_extra=_openapi_body(BATCH_SCHEMA))

@@ -1,0 +1,69 @@
+"""Commands for a run's worker: an operator queues one, the worker fetches (long-poll) and acknowledges it."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import anyio.from_thread
+from fastapi import APIRouter, Query, status
+from starlette.concurrency import run_in_threadpool
+
+from server.auth import Operator, Worker
+from server.db import transaction
+from server.schemas import CommandAck, CommandCreate, CommandList, CommandPublic
+from server.state import AppState, State
+from server.store import commands as store
+from server.store.runs import get_run
+
+router = APIRouter(prefix="/api/v1/runs", tags=["commands"])
+
+# Long-polls are woken at once by commands created in this process; this re-check catches the others.
+RECHECK_S = 1.0
+
+
+def public(command: object) -> CommandPublic:
+    return CommandPublic.model_validate(command, from_attributes=True)
+
+
+@router.post("/{run_id}/commands", response_model=CommandPublic, status_code=status.HTTP_201_CREATED)
+def create_command(run_id: int, data: CommandCreate, state: State, who: Operator) -> CommandPublic:
+    """Queue a command for the run's worker: `decay` (by `factor`), `set_lr` (to `lr`) or `stop`."""
+    with transaction(state.sessions, write=True) as session:
+        command = public(store.create_command(session, get_run(session, run_id), data, actor=who.actor))
+    anyio.from_thread.run_sync(state.wakeups.wake, run_id)
+    return command
+
+
+def _take(state: AppState, run_id: int, after: int) -> list[CommandPublic]:
+    with transaction(state.sessions, write=True) as session:
+        get_run(session, run_id)
+        return [public(c) for c in store.take_pending(session, run_id, after=after)]
+
+
+@router.get("/{run_id}/commands", response_model=CommandList)
+async def fetch_commands(
+    run_id: int,
+    state: State,
+    _: Worker,
+    after: Annotated[int, Query(ge=0, description="Only commands with a larger id.")] = 0,
+    wait: Annotated[float, Query(ge=0, le=30, description="Long-poll up to this many seconds.")] = 0,
+) -> CommandList:
+    """Commands not yet acknowledged, oldest first; fetching marks them delivered. With `wait`, the request
+    is held until one exists or `wait` seconds pass."""
+    deadline = time.monotonic() + wait
+    while True:
+        commands = await run_in_threadpool(_take, state, run_id, after)
+        remaining = deadline - time.monotonic()
+        if commands or remaining <= 0:
+            return CommandList(data=commands)
+        await state.wakeups.wait(run_id, min(remaining, RECHECK_S))
+
+
+@router.post("/{run_id}/commands/{command_id}/ack", response_model=CommandPublic)
+def acknowledge_command(run_id: int, command_id: int, ack: CommandAck, state: State, who: Worker) -> CommandPublic:
+    """The worker applied (or could not apply) a command at `step`; `lr` is the LR now in effect. Repeating
+    the same acknowledgement is harmless; a different one is a 409."""
+    with transaction(state.sessions, write=True) as session:
+        get_run(session, run_id)
+        return public(store.acknowledge(session, run_id, command_id, ack, actor=who.actor))
