@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -16,10 +17,10 @@ from server.store.tokens import create_token
 from tests.conftest import LiveServer, make_run
 
 
-def queue(client: httpx.Client, run_id: int, **body: object) -> dict[str, object]:
+def queue(client: httpx.Client, run_id: int, **body: object) -> dict[str, Any]:
     response = client.post(f"/api/v1/runs/{run_id}/commands", json=body)
     assert response.status_code == 201, response.text
-    created: dict[str, object] = response.json()
+    created: dict[str, Any] = response.json()
     return created
 
 
