@@ -53,6 +53,19 @@ class Client:
             f"{API}/runs/{run_id}/metrics", content=body, headers={"content-type": "application/json"}
         )
 
+    def get_commands(self, run_id: int, *, after: int, wait: float) -> httpx.Response:
+        """Long-polls the run's unacknowledged commands with ``id > after`` for up to ``wait`` seconds."""
+        timeout = self._http.timeout
+        read = (timeout.read or 10.0) + wait
+        return self._http.get(
+            f"{API}/runs/{run_id}/commands",
+            params={"after": after, "wait": wait},
+            timeout=httpx.Timeout(read, connect=timeout.connect),
+        )
+
+    def ack_command(self, run_id: int, command_id: int, body: dict[str, Any]) -> httpx.Response:
+        return self._http.post(f"{API}/runs/{run_id}/commands/{command_id}/ack", json=body)
+
     def close(self) -> None:
         self._http.close()
 

@@ -13,6 +13,12 @@ idempotent (a resent identical point is a counted no-op), so every point is stor
 
 A batch the server refuses for good (409 conflict with a stored value, 422 invalid, 400/404/413) is not
 retried: the sender logs the server's message and appends the batch to ``<spool_dir>/rejected.jsonl``.
+
+Commands (``decay``, ``set_lr``, ``stop``; see :mod:`trainer.commands`) arrive in the responses to metric
+batches; when no batch has brought any for ``command_idle_s`` a third thread long-polls
+``GET /runs/{id}/commands`` (``wait=command_wait_s``, its own HTTP connection, so a poll never delays a metric
+batch or ``flush``). ``Run.pending_commands()`` reads them without I/O; ``Run.ack_command`` queues the
+acknowledgement, which the sender posts and retries through outages like a metric batch.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import httpx
 
 from trainer.client import Client, error_detail
+from trainer.commands import Ack, Command, CommandInbox
 from trainer.errors import AuthError, RunStateError, ServerError
 from trainer.spool import Spool, encode_batch
 
@@ -121,6 +128,8 @@ class Run:
         retry_max_s: float,
         close_timeout_s: float,
         transport: httpx.BaseTransport | None,
+        command_wait_s: float = 5.0,
+        command_idle_s: float = 1.0,
     ) -> None:
         self.id: int | None = run_id
         self.state = RunState.UNOPENED
@@ -164,6 +173,15 @@ class Run:
         self._spiller = threading.Thread(target=self._run_spiller, name="stagewatch-spiller", daemon=True)
         self.points_sent = 0
         self.points_rejected = 0
+        # Commands: received by the sender (piggybacked) and the poller, read by the training loop.
+        self.should_stop = False  # set by a ``stop`` command once applied (see trainer.torch)
+        self._inbox = CommandInbox()
+        self._acks: collections.deque[Ack] = collections.deque()  # queued by the loop, posted by the sender
+        self._command_wait = command_wait_s
+        self._command_idle = command_idle_s
+        self._piggyback_at = -math.inf  # when an ingest response last carried a "commands" list
+        self._poll_client = Client(url, token=token, timeout=timeout, transport=transport)
+        self._poller = threading.Thread(target=self._run_poller, name="stagewatch-commands", daemon=True)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -176,11 +194,14 @@ class Run:
             self._open()
         except BaseException:
             self._client.close()
+            self._poll_client.close()
             self.state = RunState.CLOSED
             raise
         self.state = RunState.OPENED
         self._thread.start()
         self._spiller.start()
+        self._piggyback_at = time.monotonic()  # the first poll waits for command_idle_s without a batch
+        self._poller.start()
         return self
 
     def __exit__(
@@ -241,6 +262,7 @@ class Run:
             if self.state is RunState.UNOPENED:
                 self.state = RunState.CLOSED
                 self._client.close()
+                self._poll_client.close()
             return
         self.state = RunState.CLOSED
         try:
@@ -249,6 +271,8 @@ class Run:
             self._stop.set()
             self._wake.set()
             self._thread.join(timeout=self._close_timeout + 5)
+            # A long-poll in flight ends by itself within command_wait_s; the poller closes its own client.
+            self._poller.join(timeout=0.2)
             with self._lock:
                 entries = self._take_all()
                 while self._handoff:  # whatever the spiller thread has not written yet
@@ -263,6 +287,13 @@ class Run:
                     "stagewatch: run %s closed with points the server has not acknowledged; they are kept in %s",
                     self.id,
                     self.spool.pending_path,
+                )
+            if self._acks:
+                logger.warning(
+                    "stagewatch: run %s closed before the server acknowledged command(s) %s; a job resumed from "
+                    "a checkpoint that holds the CommandApplier state acknowledges them again",
+                    self.id,
+                    ", ".join(str(a.command_id) for a in self._acks),
                 )
             self._client.close()
 
@@ -312,6 +343,32 @@ class Run:
         elif n > self._max_queue:
             self._overflow()
 
+    def pending_commands(self) -> list[Command]:
+        """The commands received and not yet acknowledged, oldest first. No I/O; safe from any thread."""
+        return self._inbox.pending()
+
+    def ack_command(
+        self,
+        command_id: int,
+        *,
+        status: str,
+        step: int,
+        lr: float | None,
+        message: str = "",
+    ) -> None:
+        """Queues the acknowledgement of a command (``status`` ``"applied"`` or ``"failed"``, at ``step``, with
+        the LR now in effect) and drops it from :meth:`pending_commands`. No I/O: the sender thread posts it,
+        retrying through outages; :meth:`flush` waits for it too."""
+        if self.state is not RunState.OPENED:
+            raise RunStateError(f"cannot acknowledge a command on a run that is {self.state.name.lower()}")
+        if status not in ("applied", "failed"):
+            raise ValueError(f"status must be 'applied' or 'failed', got {status!r}")
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self._inbox.retire(command_id)
+        self._acks.append(Ack(command_id, "applied" if status == "applied" else "failed", step, lr, message))
+        self._wake.set()
+
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until the server has acknowledged every point logged so far.
 
@@ -336,6 +393,7 @@ class Run:
     def _all_acknowledged(self) -> bool:
         return (
             not self._queue
+            and not self._acks
             and not self._handoff
             and not self._buffer
             and not self._sending
@@ -431,6 +489,8 @@ class Run:
                 if response.status_code != 200:
                     return self._failed(f"HTTP {response.status_code}: {error_detail(response)}")
                 self._needs_running = False
+            if not self._send_acks():
+                return False
             for body, end in self.spool.pending_batches():
                 if not self._post(body):
                     return False
@@ -489,8 +549,12 @@ class Run:
         response = self._client.post_metrics(self.id, body)
         code = response.status_code
         if code == 200:
-            self.points_sent += int(response.json().get("accepted", 0))
+            answer = response.json()
+            self.points_sent += int(answer.get("accepted", 0))
             self._last_contact = time.monotonic()
+            if isinstance(answer.get("commands"), list):
+                self._receive(answer["commands"])
+                self._piggyback_at = time.monotonic()
             return True
         detail = error_detail(response)
         if code in _REJECT_CODES:
@@ -508,6 +572,71 @@ class Run:
         if code in (401, 403):
             return self._failed(f"HTTP {code}: {detail} -- check the token and its role (needs worker)")
         return self._failed(f"HTTP {code}: {detail}")
+
+    def _send_acks(self) -> bool:
+        """Posts the queued acknowledgements in order; False (and a backoff) at the first transient failure."""
+        assert self.id is not None
+        acks = self._acks
+        while acks:
+            ack = acks[0]
+            response = self._client.ack_command(self.id, ack.command_id, ack.body())
+            code = response.status_code
+            if code in (401, 403):
+                return self._failed(f"HTTP {code}: {error_detail(response)} -- check the token and its role")
+            if code != 200 and code not in _REJECT_CODES:
+                return self._failed(f"HTTP {code}: {error_detail(response)}")
+            if code != 200:  # 409: acknowledged differently before; 404/422: nothing to retry
+                logger.warning(
+                    "stagewatch: the server refused the acknowledgement of command %s of run %s (HTTP %s: %s)",
+                    ack.command_id,
+                    self.id,
+                    code,
+                    error_detail(response),
+                )
+            self._last_contact = time.monotonic()
+            acks.popleft()
+            with self._progress:
+                self._progress.notify_all()
+        return True
+
+    def _receive(self, items: list[Any]) -> None:
+        commands: list[Command] = []
+        for item in items:
+            try:
+                commands.append(Command.from_json(item))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                logger.warning("stagewatch: ignoring a malformed command from the server: %.200r", item)
+        if self._inbox.add(commands):
+            logger.info("stagewatch: run %s received command(s): %s", self.id, [c.id for c in commands])
+
+    def _run_poller(self) -> None:
+        """Long-polls for commands while no metric batch brings them; never raises, closes its client."""
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                idle_for = time.monotonic() - self._piggyback_at
+                if self.id is None or idle_for < self._command_idle:
+                    self._stop.wait(0.5 if self.id is None else self._command_idle - idle_for)
+                    continue
+                reason = ""
+                try:
+                    response = self._poll_client.get_commands(
+                        self.id, after=self._inbox.last_id, wait=self._command_wait
+                    )
+                    if response.status_code == 200:
+                        data = response.json().get("data")
+                        self._receive(data if isinstance(data, list) else [])
+                        failures = 0
+                        continue
+                    reason = f"HTTP {response.status_code}: {error_detail(response)}"
+                except Exception as exc:  # transport trouble, a bad body, a client closed under us
+                    reason = f"{type(exc).__name__}: {exc}"
+                failures += 1
+                # Outages are reported once by the sender; the poller only backs off.
+                logger.debug("stagewatch: polling commands of run %s failed (%s)", self.id, reason)
+                self._stop.wait(min(self._retry_max, 0.25 * 2 ** min(failures, 16)) * random.uniform(0.8, 1.0))
+        finally:
+            self._poll_client.close()
 
     def _failed(self, reason: str) -> bool:
         self._note_outage(reason)
@@ -548,6 +677,8 @@ def start_run(
     retry_max_s: float = 30.0,
     close_timeout_s: float = 30.0,
     transport: httpx.BaseTransport | None = None,
+    command_wait_s: float = 5.0,
+    command_idle_s: float = 1.0,
 ) -> Run:
     """A run to open with ``with``: creates it on the server (or resumes ``run_id``), marks it ``finished``
     on a normal exit and ``failed`` when the block raises (the exception propagates).
@@ -561,6 +692,10 @@ def start_run(
     memory (``max_memory_points``) while the server is unreachable, and the batches it refuses for good.
     ``max_queue`` bounds the ``log()`` calls waiting for the sender thread; past it they are handed to a
     spiller thread that writes them to the spool (``log()`` itself never does I/O).
+
+    Commands from the server come with the answers to metric batches; after ``command_idle_s`` without one,
+    a background thread long-polls for them (``command_wait_s`` per request, 0..30). Read them with
+    :meth:`Run.pending_commands` and apply them with :class:`trainer.torch.CommandApplier`.
     """
     return Run(
         url,
@@ -581,4 +716,6 @@ def start_run(
         retry_max_s=retry_max_s,
         close_timeout_s=close_timeout_s,
         transport=transport,
+        command_wait_s=command_wait_s,
+        command_idle_s=command_idle_s,
     )

@@ -1,0 +1,107 @@
+"""Commands from the server to a training job (``decay``, ``set_lr``, ``stop``), and their acknowledgements.
+
+The server queues a command for a run (an operator, or an approved AutoDecay decision). The run's background
+threads receive it -- in the response to a metrics batch it sends anyway, or by a bounded long-poll of
+``GET /api/v1/runs/{id}/commands`` when it has sent nothing for a while -- and keep it in a
+:class:`CommandInbox`. The training loop reads ``Run.pending_commands()`` (no I/O) and, at a step boundary,
+applies each command once (see :mod:`trainer.torch`), then queues an :class:`Ack` with the step and the LR now
+in effect; the sender thread posts it and retries it through outages (the server's ack is idempotent).
+
+This module has no torch and no network code: it is the data the two sides share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+__all__ = ["ACTIONS", "Ack", "Command", "CommandInbox"]
+
+ACTIONS = ("decay", "set_lr", "stop")
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command as the server sent it (``status`` is the server's at the time it was received)."""
+
+    id: int
+    action: str
+    factor: float | None = None
+    lr: float | None = None
+    status: str = "approved"
+    reason: str = ""
+    created_at: str = ""
+    applied_step: int | None = None
+    applied_lr: float | None = None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Command:
+        step = body.get("applied_step")
+        return cls(
+            id=int(body["id"]),
+            action=str(body["action"]),
+            factor=_opt_float(body.get("factor")),
+            lr=_opt_float(body.get("lr")),
+            status=str(body.get("status", "approved")),
+            reason=str(body.get("reason") or ""),
+            created_at=str(body.get("created_at") or ""),
+            applied_step=None if step is None else int(step),
+            applied_lr=_opt_float(body.get("applied_lr")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Ack:
+    """What the worker tells the server about one command: applied (or failed) at ``step`` with ``lr``."""
+
+    command_id: int
+    status: Literal["applied", "failed"]
+    step: int
+    lr: float | None
+    message: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {"status": self.status, "step": self.step, "lr": self.lr, "message": self.message}
+
+
+class CommandInbox:
+    """Thread-safe: the background threads add what they receive, the training loop reads it.
+
+    A command stays pending until the loop acknowledges it (:meth:`retire`); from then on the same id is
+    ignored when it arrives again (a piggybacked copy sent before the server had the ack, say).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, Command] = {}
+        self._retired: set[int] = set()
+        self.last_id = 0  # the highest id received: the ``after`` of the next poll
+
+    def add(self, commands: Iterable[Command]) -> int:
+        """Adds the new ones; returns how many were new."""
+        added = 0
+        with self._lock:
+            for command in commands:
+                self.last_id = max(self.last_id, command.id)
+                if command.id in self._pending or command.id in self._retired:
+                    continue
+                if command.status in ("applied", "failed"):  # already acknowledged by someone
+                    continue
+                self._pending[command.id] = command
+                added += 1
+        return added
+
+    def pending(self) -> list[Command]:
+        with self._lock:
+            return sorted(self._pending.values(), key=lambda c: c.id)
+
+    def retire(self, command_id: int) -> None:
+        with self._lock:
+            self._pending.pop(command_id, None)
+            self._retired.add(command_id)
