@@ -37,7 +37,7 @@ def test_ingest_and_read_back(client: httpx.Client) -> None:
     before = time.time()
     response = ingest(client, run_id, batch)
     assert response.status_code == 200
-    assert response.json() == {"accepted": 3, "inserted": 3, "duplicates": 0}
+    assert response.json() == {"accepted": 3, "inserted": 3, "duplicates": 0, "commands": []}
     loss = series(client, run_id, "loss")
     assert loss["steps"] == [0, 1]
     assert loss["values"] == [2.5, 2.25]
@@ -68,7 +68,7 @@ def test_non_finite_values_round_trip(client: httpx.Client) -> None:
     assert series(client, run_id, "loss")["values"] == [1.0, "Infinity", "-Infinity", "NaN"]
     assert client.get(f"/api/v1/runs/{run_id}").json()["latest"]["loss"]["value"] == "NaN"
     # An identical resend, NaN included, is a no-op; a number where NaN was stored is a conflict.
-    assert ingest(client, run_id, batch).json() == {"accepted": 4, "inserted": 0, "duplicates": 4}
+    assert ingest(client, run_id, batch).json() == {"accepted": 4, "inserted": 0, "duplicates": 4, "commands": []}
     assert ingest(client, run_id, [{"key": "loss", "step": 3, "value": 0.0}]).status_code == 409
     exported = client.get(f"/api/v1/runs/{run_id}/metrics/export", params={"format": "jsonl"}).text
     assert [json.loads(line)["value"] for line in exported.splitlines()] == [
@@ -83,7 +83,7 @@ def test_resend_is_idempotent(client: httpx.Client) -> None:
     run_id = make_run(client)
     assert ingest(client, run_id, points("loss", range(100))).json()["inserted"] == 100
     again = ingest(client, run_id, points("loss", range(50, 150)))
-    assert again.json() == {"accepted": 100, "inserted": 50, "duplicates": 50}
+    assert again.json() == {"accepted": 100, "inserted": 50, "duplicates": 50, "commands": []}
     assert series(client, run_id, "loss")["total_points"] == 150
     assert client.get(f"/api/v1/runs/{run_id}").json()["latest"]["loss"]["count"] == 150
 
@@ -91,7 +91,7 @@ def test_resend_is_idempotent(client: httpx.Client) -> None:
 def test_identical_duplicate_within_batch_counts_once(client: httpx.Client) -> None:
     run_id = make_run(client)
     batch = points("loss", range(3)) + points("loss", range(3))
-    assert ingest(client, run_id, batch).json() == {"accepted": 6, "inserted": 3, "duplicates": 3}
+    assert ingest(client, run_id, batch).json() == {"accepted": 6, "inserted": 3, "duplicates": 3, "commands": []}
 
 
 def test_conflict_rejects_the_whole_batch(client: httpx.Client) -> None:
