@@ -1,11 +1,16 @@
-"""The ``stagewatch`` command line: serve, demo, db, token, replay."""
+"""The ``stagewatch`` command line: serve, demo, db, token, replay, train."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 
 from server.replay import add_arguments as add_replay_arguments
 from server.replay import run as replay_run
@@ -29,7 +34,7 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _serve(settings: Settings, *, embedded: bool) -> int:
+def _serve(settings: Settings, *, embedded: bool, on_started: Callable[[], None] | None = None) -> int:
     import uvicorn
 
     from server.app import create_app
@@ -45,6 +50,8 @@ def _serve(settings: Settings, *, embedded: bool) -> int:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"Stagewatch dashboard: http://{host}:{settings.port}/  (API docs: http://{host}:{settings.port}/docs)")
     print(f"Database: {settings.database_url}" + ("" if settings.auth else "  (auth disabled)"), flush=True)
+    if on_started is not None:
+        on_started()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
 
@@ -61,10 +68,116 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve(settings, embedded=embedded)
 
 
+WORKER_STOP_TIMEOUT_S = 10.0
+WORKER_START_TIMEOUT_S = 60.0
+
+
+def _worker_env() -> dict[str, str]:
+    """The demo's environment, unbuffered so that the worker's lines show as they come."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+class DemoWorker:
+    """``stagewatch train`` as a subprocess of the demo, started once the server answers ``/healthz``.
+
+    Its output is read by a thread that prints which run it trains and forwards the rest with a prefix.
+    :meth:`stop` ends it (terminate, then kill) when the server exits, so no worker outlives the demo.
+    """
+
+    def __init__(self, base_url: str, argv: list[str]) -> None:
+        self.base_url = base_url
+        self.argv = argv
+        self.popen: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="stagewatch-demo-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while True:
+            if self._stopping:
+                return
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                print(f"stagewatch demo: the server did not answer in {WORKER_START_TIMEOUT_S:g}s; no worker")
+                return
+            time.sleep(0.1)
+        with self._lock:
+            if self._stopping:
+                return
+            self.popen = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=_worker_env()
+            )
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            text = line.rstrip("\n")
+            if text.startswith("stagewatch train: run ") and " on " in text and "(" in text:
+                run_id = text.removeprefix("stagewatch train: run ").split(" ", 1)[0]
+                print(f"Worker (pid {self.popen.pid}) is training run {run_id}", flush=True)
+            print(f"[worker] {text}", flush=True)
+        code = self.popen.wait()
+        if not self._stopping:
+            print(f"stagewatch demo: the worker exited with status {code}", flush=True)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            popen = self.popen
+        if popen is None or popen.poll() is not None:
+            return
+        popen.terminate()
+        try:
+            popen.wait(timeout=WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=WORKER_STOP_TIMEOUT_S)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    # Local demo: embedded SQLite on loopback, no tokens needed.
+    # Local demo: embedded SQLite on loopback, no tokens needed, and a real worker training MNIST-1D.
     settings = Settings(database_url=args.db or embedded_database_url(), host="127.0.0.1", port=args.port, auth=False)
-    return _serve(settings, embedded=True)
+    if args.no_worker:
+        return _serve(settings, embedded=True)
+    missing = [m for m in ("torch", "mnist1d") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"stagewatch demo: no worker ({', '.join(missing)} not installed: pip install '.[train]')")
+        return _serve(settings, embedded=True)
+    base_url = f"http://127.0.0.1:{args.port}"
+    worker = DemoWorker(
+        base_url,
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "train",
+            "--recipe",
+            "mnist1d-cnn",
+            "--epochs",
+            "30",
+            "--server",
+            base_url,
+        ],
+    )
+    # uvicorn re-raises SIGTERM once it has shut down; make that an exception so that `finally` stops the worker.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _serve(settings, embedded=True, on_started=worker.start)
+    finally:
+        worker.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:  # noqa: ARG001 - the handler signature is fixed
+    raise SystemExit(128 + signum)
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -121,6 +234,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay_run(args)
 
 
+def cmd_train(argv: Sequence[str]) -> int:
+    # Imported here: the service must not need torch (trainer.train_cli imports it only when training).
+    from trainer.train_cli import main as train_main
+
+    return train_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagewatch", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -136,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="run the local demo on embedded SQLite, no tokens needed")
     demo.add_argument("--db", metavar="URL", help="SQLite URL (default: the embedded file)")
     demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--no-worker", action="store_true", help="serve only; do not start a training worker")
     demo.set_defaults(func=cmd_demo)
 
     db = verbs.add_parser("db", help="schema migrations")
@@ -164,11 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_replay_arguments(replay)
     replay.set_defaults(func=cmd_replay)
+
+    # Listed here for --help; main() hands everything after "train" to trainer.train_cli, which parses it.
+    verbs.add_parser(
+        "train",
+        add_help=False,
+        help="train a reference recipe (mnist1d-cnn) and stream it to a server; see stagewatch train --help",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["train"]:
+        return cmd_train(words[1:])
+    args = build_parser().parse_args(words)
     code: int = args.func(args)
     return code
 
