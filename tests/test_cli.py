@@ -39,14 +39,14 @@ def cli_env(home: Path) -> dict[str, str]:
     return env
 
 
-def stagewatch(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def stagewatch(home: Path, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(STAGEWATCH), *args],
         env=cli_env(home),
         cwd=home,
         capture_output=True,
         text=True,
-        timeout=COMMAND_TIMEOUT_S,
+        timeout=timeout,
         check=False,
     )
 

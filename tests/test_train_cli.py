@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, free_port
-from tests.test_cli import STAGEWATCH, running
+from tests.test_cli import STAGEWATCH, cli_env, running, stagewatch
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_TIMEOUT_S = 50
@@ -29,22 +29,8 @@ def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'stagewatch.db'}"
 
 
-def env(home: Path) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("STAGEWATCH_")}
-    out["HOME"] = str(home)
-    return out
-
-
 def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(STAGEWATCH), "train", *args],
-        env=env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=TRAIN_TIMEOUT_S,
-        check=False,
-    )
+    return stagewatch(tmp_path, "train", *args, timeout=TRAIN_TIMEOUT_S)
 
 
 def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
@@ -128,7 +114,7 @@ def test_train_stops_on_stop_command(server: LiveServer, client: httpx.Client, t
     with stdout.open("w") as out:
         popen = subprocess.Popen(
             [str(STAGEWATCH), "train", "--recipe", "mnist1d-cnn", "--epochs", "200", "--server", server.url],
-            env=env(tmp_path), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
+            env=cli_env(tmp_path), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + TRAIN_TIMEOUT_S
@@ -193,7 +179,7 @@ def test_demo_starts_a_worker_and_stops_it(tmp_path: Path) -> None:
 def test_train_help_needs_no_server(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", "train", "--help"],
-        env=env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False,
+        env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--batch-size" in result.stdout
