@@ -11,8 +11,26 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,train,tensorboard]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,train,tensorboard,lightning,huggingface]'
 	touch $(STAMP)
+
+# `make vision-venv`: a second environment for the resnet18 recipe. torchvision wheels are built against one exact
+# torch release, so the pair is pinned and installed first (the CPU-only torch of .venv has no torchvision beside it);
+# `-e '.[vision]'` then keeps that torch. About 5.5 GB.
+VISION_VENV ?= .venv-vision
+VISION_BIN := $(VISION_VENV)/bin
+VISION_STAMP := $(VISION_VENV)/.stagewatch-installed
+
+$(VISION_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_BIN)/python -m pip install --quiet --upgrade pip
+	$(VISION_BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VISION_BIN)/python -m pip install --quiet -e '.[vision]'
+	$(VISION_BIN)/python -c "import torch, torchvision; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
+	touch $(VISION_STAMP)
+
+.PHONY: vision-venv
+vision-venv: $(VISION_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/stagewatch demo

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -13,8 +17,9 @@ from server import __version__
 from server.db import make_engine, make_session_factory
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit
+from server.live.engine import LiveDetection
 from server.migrate import check_schema
-from server.routes import commands, health, history, metrics, runs
+from server.routes import commands, decisions, health, history, metrics, runs, stream
 from server.settings import Settings
 from server.state import AppState
 
@@ -34,12 +39,29 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     except BaseException:
         engine.dispose()  # a refused start must not leak its connection pool
         raise
-    app = FastAPI(title="Stagewatch", version=__version__, description=API_DESCRIPTION)
-    app.state.stagewatch = AppState(
-        settings=settings, engine=engine, sessions=make_session_factory(engine), schema_revision=revision
-    )
+    state = AppState(settings=settings, engine=engine, sessions=make_session_factory(engine), schema_revision=revision)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Live detection runs in its own thread; what it commits wakes waiters on this loop.
+        loop = asyncio.get_running_loop()
+
+        def on_change(run_id: int, command: bool) -> None:
+            loop.call_soon_threadsafe(functools.partial(state.announce, run_id, command=command))
+
+        state.live = LiveDetection(state.sessions, on_change)
+        state.live.start()
+        try:
+            yield
+        finally:
+            state.live.stop()
+            state.live = None
+
+    app = FastAPI(title="Stagewatch", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.stagewatch = state
     install_error_handlers(app)
-    for router in (health.router, runs.router, metrics.router, history.router, commands.router):
+    routers = (health, runs, metrics, history, decisions, commands, stream)
+    for router in (module.router for module in routers):
         app.include_router(router)
     app.mount("/ui", StaticFiles(directory=Path(web.__file__).parent, html=True), name="ui")
 

@@ -52,7 +52,8 @@ def _serve(settings: Settings, *, embedded: bool, on_started: Callable[[], None]
     print(f"Database: {settings.database_url}" + ("" if settings.auth else "  (auth disabled)"), flush=True)
     if on_started is not None:
         on_started()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    # Live-event streams never end by themselves: give them a moment, then close them, on shutdown.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
     return 0
 
 

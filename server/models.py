@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Double,
     ForeignKey,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -83,6 +85,11 @@ class Run(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Live stage detection (server.live): what watches the run, and what happens to its decisions.
+    mode: Mapped[str] = mapped_column(String(16), default="observe", server_default="observe")
+    detector: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    auto_approve_after_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+    reject_backoff: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunTag(Base):
@@ -188,6 +195,44 @@ class Decision(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     acked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Every lifecycle transition: [{"status", "actor", "at", "note"?, ...}], oldest first.
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
+    overridden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class DetectorState(Base):
+    """Where live detection of a run stands: the detector's serialised state and the last points it consumed.
+
+    Written in the same transaction as the decisions and stages it led to, so a restart resumes exactly.
+    """
+
+    __tablename__ = "detector_states"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # the detector configuration this state belongs to
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # last monitored point consumed
+    lr: Mapped[float | None] = mapped_column(Double, nullable=True)  # the LR in effect, as the worker logs it
+    lr_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # last LR point consumed
+    hold_until_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    hold_until_epoch: Mapped[float | None] = mapped_column(Double, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FeedEvent(Base):
+    """The live feed: one row per change a dashboard must see (new points, decisions, stages, run changes).
+
+    Its id is the resume cursor of ``GET /api/v1/stream`` (Server-Sent Events ``Last-Event-ID``).
+    """
+
+    __tablename__ = "feed_events"
+    __table_args__ = (Index("ix_feed_events_run_id_id", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Event(Base):

@@ -74,12 +74,62 @@ def _reject_non_finite(value: Any, path: str = "config") -> Any:
 FiniteJson = Annotated[dict[str, Any], AfterValidator(_reject_non_finite)]
 
 
+# --- live detection configuration ---------------------------------------------------------------------
+
+Mode = Literal["auto", "approve", "observe"]
+
+
+class DetectorConfig(Strict):
+    """Which detector watches a run, on which metric key, with which parameters."""
+
+    name: str = Field(description="A detector of `stagewatch replay --help`: autodecay, plateau, slope, stationarity.")
+    metric: MetricKey = Field(default="epoch/train_loss", description="The metric key the detector is fed.")
+    params: FiniteJson = Field(default_factory=dict, description="The detector's parameters; unknown ones refused.")
+    lr_key: MetricKey = Field(default="lr", description="The metric key holding the LR in effect (stages follow it).")
+
+    @model_validator(mode="after")
+    def _known_detector(self) -> DetectorConfig:
+        # Imported here: the detectors package imports nothing from the schemas, but keep the import graph flat.
+        from server.detectors import DetectorError, make_detector
+
+        try:
+            make_detector(self.name, self.params)
+        except DetectorError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
+class Span(Strict):
+    """A number of epochs or of steps (exactly one), counted from the point where it starts."""
+
+    epochs: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    steps: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Span:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs and steps")
+        return self
+
+
 class RunCreate(Strict):
     name: Name | None = Field(default=None, description="Defaults to `run-<id>`.")
     project: Name = "default"
     tags: list[Tag] = Field(default_factory=list, max_length=50)
     notes: str = Field(default="", max_length=20_000)
     config: FiniteJson = Field(default_factory=dict, description="Hyperparameters, free-form JSON.")
+    mode: Mode = Field(
+        default="observe",
+        description="auto: the detector's decisions are applied at once; approve: they wait for an operator; "
+        "observe: they are only recorded and drawn.",
+    )
+    detector: DetectorConfig | None = Field(default=None, description="Live stage detection; none by default.")
+    auto_approve_after_s: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="approve mode: approve a proposal nobody decided on."
+    )
+    reject_backoff: Span | None = Field(
+        default=None, description="After a rejection the detector is held this long (default: not held)."
+    )
 
 
 class RunUpdate(Strict):
@@ -87,6 +137,10 @@ class RunUpdate(Strict):
     tags: list[Tag] | None = Field(default=None, max_length=50)
     notes: str | None = Field(default=None, max_length=20_000)
     status: RunStatus | None = Field(default=None, description="`stale` is derived from heartbeats and cannot be set.")
+    mode: Mode | None = None
+    detector: DetectorConfig | None = Field(default=None, description="null turns live detection off.")
+    auto_approve_after_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    reject_backoff: Span | None = None
 
 
 class LatestValue(BaseModel):
@@ -110,6 +164,11 @@ class RunPublic(BaseModel):
     ended_at: dt.datetime | None
     last_heartbeat_at: dt.datetime
     latest: dict[str, LatestValue] = Field(description="Latest value of each metric key.")
+    mode: Mode
+    detector: DetectorConfig | None
+    auto_approve_after_s: float | None
+    reject_backoff: Span | None
+    pending_proposals: int = Field(description="Proposals waiting for an operator.")
 
 
 class RunList(BaseModel):
@@ -188,18 +247,69 @@ class StagePublic(BaseModel):
     summary: dict[str, Any]
 
 
+DecisionStatus = Literal[
+    "proposed", "approved", "rejected", "expired", "superseded", "observed", "delivered", "applied", "failed"
+]
+
+
+class Transition(BaseModel):
+    status: str
+    actor: str
+    at: dt.datetime
+    note: str = ""
+
+
 class DecisionPublic(BaseModel):
+    """A decision and its whole lifecycle: proposed -> approved / rejected / expired / superseded (or observed)
+    -> delivered -> applied / failed. ``factor``/``lr`` are what is (to be) applied; an override changes them
+    and sets ``overridden``."""
+
     id: int
+    run_id: int
     action: str
     factor: float | None
     lr: float | None
-    step: int | None
-    status: str
-    source: str
+    step: int | None = Field(description="The step of the point that completed the evidence.")
+    status: DecisionStatus
+    source: str = Field(description="`detector:<name>` or `operator`.")
     evidence: dict[str, Any]
     actor: str
+    reason: str
+    overridden: bool
+    applied_step: int | None
+    applied_lr: float | None
+    history: list[Transition]
     created_at: dt.datetime
     updated_at: dt.datetime
+
+
+class DecideRequest(Strict):
+    reason: str = Field(default="", max_length=2000)
+
+
+class RejectRequest(DecideRequest):
+    backoff: Span | None = Field(default=None, description="Hold the detector this long (default: the run's).")
+
+
+class OverrideRequest(DecideRequest):
+    factor: float | None = Field(default=None, gt=0, lt=1, description="Decay by this factor instead.")
+    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="Or set this LR instead.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> OverrideRequest:
+        if (self.factor is None) == (self.lr is None):
+            raise ValueError("give exactly one of factor and lr")
+        return self
+
+
+class HoldRequest(Span):
+    reason: str = Field(default="", max_length=2000)
+
+
+class HoldPublic(BaseModel):
+    run_id: int
+    hold_until_step: int | None
+    hold_until_epoch: float | None
 
 
 # --- commands ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Wake long-polling requests of a run when something arrives for it (in this process)."""
+"""Wake requests waiting on a run (long-polls, live-event streams) when something arrives for it."""
 
 from __future__ import annotations
 
@@ -7,27 +7,36 @@ from collections import defaultdict
 
 
 class Wakeups:
-    """Per-run events for long-polls. Lives on the event loop: ``wake`` must be called there (sync handlers
-    use ``anyio.from_thread.run_sync``). Other server processes are not woken: pollers also re-check the
-    database every ``recheck_s`` so that several workers behind one database still work."""
+    """Per-key asyncio events. Lives on the event loop: ``wake`` must be called there (from threads via
+    ``loop.call_soon_threadsafe`` or ``anyio.from_thread.run_sync``). Other server processes are not woken:
+    waiters also re-check the database every few seconds so that several processes behind one database
+    still work."""
 
     def __init__(self) -> None:
         self._waiting: defaultdict[int, set[asyncio.Event]] = defaultdict(set)
 
-    async def wait(self, run_id: int, timeout: float) -> None:
+    def subscribe(self, key: int) -> asyncio.Event:
+        """An event set by every ``wake(key)`` until ``unsubscribe``: a wake between two waits is not lost."""
         event = asyncio.Event()
-        self._waiting[run_id].add(event)
+        self._waiting[key].add(event)
+        return event
+
+    def unsubscribe(self, key: int, event: asyncio.Event) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self._waiting[key]
+
+    async def wait(self, key: int, timeout: float) -> None:
+        event = self.subscribe(key)
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
             pass
         finally:
-            waiting = self._waiting.get(run_id)
-            if waiting is not None:
-                waiting.discard(event)
-                if not waiting:
-                    del self._waiting[run_id]
+            self.unsubscribe(key, event)
 
-    def wake(self, run_id: int) -> None:
-        for event in self._waiting.get(run_id, ()):
+    def wake(self, key: int) -> None:
+        for event in self._waiting.get(key, ()):
             event.set()

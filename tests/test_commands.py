@@ -49,9 +49,9 @@ def test_fetch_marks_delivered_and_ack_applies_once(client: httpx.Client) -> Non
     # Only the unacknowledged command is still pending.
     assert [c["id"] for c in client.get(f"/api/v1/runs/{run_id}/commands").json()["data"]] == [second["id"]]
     kinds = [e["kind"] for e in client.get(f"/api/v1/runs/{run_id}/events").json()["data"]]
-    assert kinds.count("command.created") == 2
-    assert kinds.count("command.delivered") == 2
-    assert kinds.count("command.applied") == 1
+    assert kinds.count("decision.approved") == 2
+    assert kinds.count("decision.delivered") == 2
+    assert kinds.count("decision.applied") == 1
     decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
     assert [d["status"] for d in decisions] == ["applied", "delivered"]
 

@@ -118,6 +118,8 @@ class Run:
         notes: str,
         token: str | None,
         run_id: int | None,
+        detector: Mapping[str, Any] | None = None,
+        mode: str | None = None,
         spool_dir: str | Path | None,
         timeout: float,
         batch_points: int,
@@ -139,6 +141,8 @@ class Run:
             "tags": list(tags),
             "notes": notes,
             "config": dict(config or {}),
+            "detector": dict(detector) if detector is not None else None,
+            "mode": mode,
         }
         self._client = Client(url, token=token, timeout=timeout, transport=transport)
         local = f"run-{run_id}" if run_id is not None else f"new-{uuid.uuid4().hex[:12]}"
@@ -667,6 +671,8 @@ def start_run(
     notes: str = "",
     token: str | None = None,
     run_id: int | None = None,
+    detector: Mapping[str, Any] | None = None,
+    mode: str | None = None,
     spool_dir: str | Path | None = None,
     timeout: float = 10.0,
     batch_points: int = 5000,
@@ -688,6 +694,10 @@ def start_run(
         run.log({"loss": 0.3, "lr": 0.1}, step=123)
     ```
 
+    ``detector`` (``{"name": "autodecay", "metric": "epoch/train_loss", "params": {...}}``) and ``mode``
+    (``auto``, ``approve`` or ``observe``) configure the server's stage detection for a new run; omitted,
+    the server's defaults apply. They are ignored when resuming ``run_id``.
+
     ``spool_dir`` (default ``~/.stagewatch/spool/run-<id>``) receives the points that do not fit in
     memory (``max_memory_points``) while the server is unreachable, and the batches it refuses for good.
     ``max_queue`` bounds the ``log()`` calls waiting for the sender thread; past it they are handed to a
@@ -706,6 +716,8 @@ def start_run(
         notes=notes,
         token=token,
         run_id=run_id,
+        detector=detector,
+        mode=mode,
         spool_dir=spool_dir,
         timeout=timeout,
         batch_points=batch_points,

@@ -1,15 +1,17 @@
 """``stagewatch train``: train a reference recipe for real and stream it to a Stagewatch server.
 
 ```sh
-stagewatch train --recipe mnist1d-cnn --schedule step --epochs 30 --server http://127.0.0.1:8765
+stagewatch train --recipe mnist1d-cnn --schedule autodecay --mode approve --epochs 60 --server http://127.0.0.1:8765
+stagewatch train --recipe resnet18 --data /data/cifar10 --schedule step --epochs 90 --device cuda
 ```
 
-Per step it logs ``train/loss`` (the minibatch loss before the update) and ``lr`` (the rate the update used);
-per epoch ``epoch/train_loss``, ``test/loss`` and ``test/accuracy``. After every update a
-:class:`trainer.torch.CommandApplier` applies the server's commands (``decay``, ``set_lr``, ``stop``) to the
-optimizer and the LR scheduler; a ``stop`` ends training at that step and the run is marked ``finished``.
+Recipes: ``mnist1d-cnn`` (MNIST-1D, generated offline by the ``mnist1d`` package, a small 1-D CNN; about a
+second per epoch on one CPU core) and ``resnet18`` (torchvision's ResNet-18 on any ImageFolder, e.g. CIFAR-10
+exported to folders; ``--fake-data N`` checks the pipeline without data). The loop, the logged keys and the
+schedules are described in :mod:`trainer.loop`. Every run is created with the server-side AutoDecay detector
+on ``epoch/train_loss``; ``--mode`` says what the server does with its decisions.
 
-This module imports torch only inside :func:`main`, so the ``stagewatch`` command can list it without torch.
+This module imports torch only when training, so the ``stagewatch`` command can list it without torch.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 EXIT_USAGE = 2
-RECIPES = ("mnist1d-cnn",)
-SCHEDULES = ("constant", "step")
+RECIPES = ("mnist1d-cnn", "resnet18")
+SCHEDULES = ("constant", "step", "plateau", "autodecay")
+MODES = ("auto", "approve", "observe")
 DEFAULT_SERVER = "http://127.0.0.1:8765"
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
 
 
 def _positive_int(text: str) -> int:
@@ -59,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=SCHEDULES,
         default="constant",
-        help="constant LR, or step: x0.1 at 50%% and 75%% of the epochs (default: constant)",
+        help="constant LR; step: x0.1 at 50%% and 75%% of the epochs; plateau: torch's ReduceLROnPlateau "
+        "(defaults) on the epoch's train loss; autodecay: the server's AutoDecay decides (default: constant)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="what the server does with its detector's decisions: apply at once (auto), wait for a person "
+        "(approve), only draw them (observe). Default: auto with --schedule autodecay, else observe",
     )
     parser.add_argument("--epochs", type=_positive_int, default=30)
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and minibatch order")
@@ -78,12 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", default=os.environ.get("STAGEWATCH_TOKEN"), help="worker token (default: $STAGEWATCH_TOKEN)"
     )
     parser.add_argument("--name", default=None, help="run name (default: the recipe and schedule)")
+    parser.add_argument("--project", default="default", help="project of the run (default: default)")
+    vision = parser.add_argument_group("resnet18 recipe (needs the 'vision' extra: torchvision)")
+    vision.add_argument(
+        "--data", default=None, metavar="DIR", help="an ImageFolder root with train/ and val/ (or test/) folders"
+    )
+    vision.add_argument(
+        "--fake-data", type=_positive_int, default=None, metavar="N",
+        help="train on N random FakeData images instead (pipeline check only: nothing to learn)",
+    )  # fmt: skip
+    vision.add_argument("--image-size", type=_positive_int, default=32, help="side of the (square) input images")
+    vision.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    vision.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
     return parser
-
-
-def step_milestones(epochs: int) -> list[int]:
-    """The 0-based epochs at which the ``step`` schedule decays: 50% and 75% of the way through."""
-    return [epochs // 2, (3 * epochs) // 4]
 
 
 def _out(line: str) -> None:
@@ -91,102 +111,99 @@ def _out(line: str) -> None:
     sys.stdout.flush()
 
 
+def _fail(message: str) -> int:
+    sys.stderr.write(f"stagewatch train: {message}\n")
+    return EXIT_USAGE
+
+
+def detector_config() -> dict[str, Any]:
+    """The server-side detector of runs started here: AutoDecay (per-epoch preset) on the epoch train loss.
+    With another schedule it still runs, in observe mode by default, so its decisions are drawn for
+    comparison."""
+    return {"name": "autodecay", "metric": "epoch/train_loss", "params": {"preset": "epoch"}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.recipe not in RECIPES:
-        sys.stderr.write(f"stagewatch train: unknown recipe {args.recipe!r}; known recipes: {', '.join(RECIPES)}\n")
-        return EXIT_USAGE
+        return _fail(f"unknown recipe {args.recipe!r}; known recipes: {', '.join(RECIPES)}")
     if args.num_samples is not None and args.num_samples < 20:
-        sys.stderr.write(f"stagewatch train: --num-samples must be at least 20, got {args.num_samples}\n")
-        return EXIT_USAGE
-    return _train_mnist1d(args)
+        return _fail(f"--num-samples must be at least 20, got {args.num_samples}")
+    if args.recipe == "resnet18" and (args.data is None) == (args.fake_data is None):
+        return _fail("--recipe resnet18 needs exactly one of --data DIR and --fake-data N")
+    if args.mode is None:
+        args.mode = "auto" if args.schedule == "autodecay" else "observe"
+    try:
+        return _train(args)
+    except RecipeError as exc:
+        return _fail(str(exc))
 
 
-def _train_mnist1d(args: argparse.Namespace) -> int:
+class RecipeError(Exception):
+    """A recipe cannot start (missing extra, bad data folder): a one-line message, exit status 2."""
+
+
+def _task(args: argparse.Namespace) -> Any:
+    if args.recipe == "mnist1d-cnn":
+        from trainer.recipes.mnist1d import load_data, make_task
+
+        return make_task(load_data(num_samples=args.num_samples), batch_size=args.batch_size, seed=args.seed)
+    try:
+        from trainer.recipes import vision
+    except ImportError as exc:  # torchvision missing
+        raise RecipeError(f"--recipe resnet18 needs torchvision (pip install 'stagewatch[vision]'): {exc}") from exc
+    try:
+        return vision.make_task(
+            data=args.data,
+            fake_images=args.fake_data,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            workers=args.workers,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RecipeError(f"--recipe resnet18: {exc}") from exc
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
-    import torch.nn.functional as F
-    from torch.optim.lr_scheduler import LambdaLR
 
-    from trainer.recipes.mnist1d import ConvNet, TrainConfig, evaluate, load_data, step_decay
+    from trainer.loop import fit, step_milestones
     from trainer.run import start_run
-    from trainer.torch import CommandApplier
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    data = load_data(num_samples=args.num_samples)
-    n = data.num_train
-    batch_size = n if config.batch_size == 0 else min(config.batch_size, n)
-    steps_per_epoch = math.ceil(n / batch_size)
-    milestones = step_milestones(config.epochs) if args.schedule == "step" else []
-    factor = step_decay(1.0, milestones)  # factor(epoch, step): the schedule relative to --lr
-
-    torch.set_num_threads(1)
-    torch.manual_seed(config.seed)
-    model = ConvNet(config.channels)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    # The scheduler counts updates; update k+1 belongs to epoch k // steps_per_epoch. A decay command scales
-    # its base LR (CommandApplier patches it), so the schedule goes on from the server's new rate.
-    scheduler = LambdaLR(optimizer, lambda done: factor(done // steps_per_epoch, done + 1))
-    batches = torch.Generator().manual_seed(config.seed)
+    task = _task(args)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     run_config: dict[str, Any] = {
         "recipe": args.recipe,
         "schedule": args.schedule,
-        "milestones": milestones,
+        "milestones": step_milestones(args.epochs) if args.schedule == "step" else [],
         "lr": args.lr,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "momentum": config.momentum,
-        "weight_decay": config.weight_decay,
-        "seed": config.seed,
-        "num_train": n,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "momentum": MOMENTUM,
+        "weight_decay": WEIGHT_DECAY,
+        "seed": args.seed,
+        "steps_per_epoch": task.steps_per_epoch,
+        **task.description,
     }
     name = args.name or f"{args.recipe} {args.schedule} lr={args.lr:g}"
-
-    with start_run(args.server, name=name, config=run_config, token=args.token, tags=[args.recipe]) as run:
-        plan = f"{name}, {config.epochs} epochs, {steps_per_epoch} steps/epoch"
+    with start_run(
+        args.server,
+        name=name,
+        project=args.project,
+        config=run_config,
+        token=args.token,
+        tags=[args.recipe, args.schedule],
+        detector=detector_config(),
+        mode=args.mode,
+    ) as run:
+        plan = f"{name}, {args.epochs} epochs, {task.steps_per_epoch} steps/epoch, mode {args.mode}"
         _out(f"stagewatch train: run {run.id} ({plan}) on {args.server}")
-        applier = CommandApplier(run, optimizer, scheduler)
-        step = 0
-        completed = 0
-        test_loss = test_acc = math.nan
-        model.train()
-        for epoch in range(config.epochs):
-            order = torch.randperm(n, generator=batches) if batch_size < n else torch.arange(n)
-            loss_sum = 0.0
-            for first in range(0, n, batch_size):
-                index = order[first : first + batch_size]
-                lr = applier.current_lr()
-                loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_value = loss.item()
-                loss_sum += loss_value * len(index)
-                run.log({"train/loss": loss_value, "lr": lr}, step=step, epoch=step / steps_per_epoch)
-                applier.step(step)
-                if applier.should_stop:
-                    break
-            if applier.should_stop:
-                _out(f"stagewatch train: run {run.id} stopped by the server at step {step} (epoch {epoch + 1})")
-                break
-            completed = epoch + 1
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
-            train_loss = loss_sum / n
-            run.log(
-                {"epoch/train_loss": train_loss, "test/loss": test_loss, "test/accuracy": test_acc},
-                step=step,
-                epoch=float(completed),
-            )
-            _out(
-                f"epoch {completed}/{config.epochs}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
-                f"test accuracy {test_acc:.3f}  lr {applier.current_lr():.3g}"
-            )
+        result = fit(task, run, schedule=args.schedule, epochs=args.epochs, optimizer=optimizer, log=_out)
     _out(
-        f"stagewatch train: run {run.id} {'stopped' if applier.should_stop else 'finished'}: {completed} epochs, "
-        f"{step} steps, test loss {test_loss:.4f}, test accuracy {test_acc:.3f}"
+        f"stagewatch train: run {run.id} {'stopped' if result.stopped else 'finished'}: {result.epochs} epochs, "
+        f"{result.steps} steps, test loss {result.test_loss:.4f}, test accuracy {result.test_accuracy:.3f}"
     )
     return 0
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from server.detectors import register
-from server.detectors.base import Decision, Detector, DetectorParams, Evidence
+from server.detectors.base import Action, Decision, Detector, DetectorParams, Evidence
 
 # Per-step minibatch losses are noisy, heavy-tailed and autocorrelated (at LR 0.1 on MNIST-1D: coefficient of
 # variation ~0.55, lag-1 autocorrelation ~0.4); per-epoch means are few. Each gets its own defaults, chosen
@@ -259,6 +259,15 @@ class AutoDecay(Detector[AutoDecayParams]):
             return Decision(step=step, action="stop", factor=1.0, lr=self.lr, evidence=evidence)
         self.decays += 1
         return Decision(step=step, action="decay", factor=p.factor, lr=self._decayed(p.factor), evidence=evidence)
+
+    def not_applied(self, action: Action) -> None:
+        """A decay (or stop) that did not happen does not count towards ``max_decays``; the stage that was
+        judged over starts again, so the next proposal needs a full ``min_stage`` of new evidence."""
+        if action == "decay":
+            self.decays = max(0, self.decays - 1)
+        self.stopped = False
+        self.stage = None
+        self.agreeing = 0
 
     def set_lr(self, lr: float) -> None:
         """An LR change this detector did not decide (a schedule, a person) starts a new stage."""

@@ -97,6 +97,12 @@ class Detector(ABC, Generic[P]):
         """The learning rate actually in effect (after a rejected proposal or an outside schedule change)."""
         self.lr = lr
 
+    def not_applied(self, action: Action) -> None:
+        """A decision this detector returned was not applied (rejected, superseded, expired, only observed).
+
+        The base class does nothing: the LR it assumed is corrected by the next ``set_lr``. Detectors that
+        count their decisions override it."""
+
     def _decayed(self, factor: float) -> float | None:
         if self.lr is None:
             return None

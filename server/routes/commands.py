@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Annotated
 
-import anyio.from_thread
 from fastapi import APIRouter, Query, status
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import Operator, Worker
 from server.db import transaction
+from server.live.detection import told_not_applied
 from server.schemas import CommandAck, CommandCreate, CommandList, CommandPublic
 from server.state import AppState, State
 from server.store import commands as store
+from server.store import decisions
 from server.store.runs import get_run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["commands"])
@@ -30,9 +33,14 @@ def public(command: object) -> CommandPublic:
 def create_command(run_id: int, data: CommandCreate, state: State, who: Operator) -> CommandPublic:
     """Queue a command for the run's worker: `decay` (by `factor`), `set_lr` (to `lr`) or `stop`."""
     with transaction(state.sessions, write=True) as session:
-        command = public(store.create_command(session, get_run(session, run_id), data, actor=who.actor))
-    anyio.from_thread.run_sync(state.wakeups.wake, run_id)
-    return command
+        run = get_run(session, run_id, for_update=True)
+        waiting = decisions.waiting(session, run_id)
+        command = store.create_command(session, run, data, actor=who.actor)  # supersedes what was waiting
+        for stale in waiting:
+            told_not_applied(session, run, stale.action)
+        result = public(command)
+    state.announce_from_thread(run_id, command=True)
+    return result
 
 
 def _take(state: AppState, run_id: int, after: int) -> list[CommandPublic]:
@@ -52,12 +60,18 @@ async def fetch_commands(
     """Commands not yet acknowledged, oldest first; fetching marks them delivered. With `wait`, the request
     is held until one exists or `wait` seconds pass."""
     deadline = time.monotonic() + wait
-    while True:
-        commands = await run_in_threadpool(_take, state, run_id, after)
-        remaining = deadline - time.monotonic()
-        if commands or remaining <= 0:
-            return CommandList(data=commands)
-        await state.wakeups.wait(run_id, min(remaining, RECHECK_S))
+    signal = state.wakeups.subscribe(run_id)
+    try:
+        while True:
+            signal.clear()  # before reading: a command committed after the read still wakes the wait
+            commands = await run_in_threadpool(_take, state, run_id, after)
+            remaining = deadline - time.monotonic()
+            if commands or remaining <= 0:
+                return CommandList(data=commands)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signal.wait(), min(remaining, RECHECK_S))
+    finally:
+        state.wakeups.unsubscribe(run_id, signal)
 
 
 @router.post("/{run_id}/commands/{command_id}/ack", response_model=CommandPublic)
@@ -66,4 +80,8 @@ def acknowledge_command(run_id: int, command_id: int, ack: CommandAck, state: St
     the same acknowledgement is harmless; a different one is a 409."""
     with transaction(state.sessions, write=True) as session:
         get_run(session, run_id)
-        return public(store.acknowledge(session, run_id, command_id, ack, actor=who.actor))
+        result = public(store.acknowledge(session, run_id, command_id, ack, actor=who.actor))
+    if state.live is not None:
+        state.live.notify(run_id)
+    state.announce_from_thread(run_id)
+    return result

@@ -12,11 +12,13 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Viewer, Worker
 from server.db import transaction
 from server.errors import Invalid, PayloadTooLarge, invalid_from
+from server.live.detection import forget
 from server.schemas import CommandPublic, IngestResult, RewindRequest, RewindResult, SeriesResult, metric_batch_adapter
 from server.state import AppState, State
 from server.store import metrics as store
 from server.store.commands import take_pending
 from server.store.export import ExportFormat, export_points
+from server.store.feed import add_feed_event
 from server.store.runs import get_run
 from server.store.series import query_series, series_of
 from server.streaming import prefetched
@@ -81,7 +83,12 @@ async def ingest_metrics(run_id: int, request: Request, state: State, _: Worker)
     # The body is validated straight from bytes by pydantic-core: 5x faster than FastAPI's
     # parse-then-validate path, which is most of the cost of a 10,000-point batch.
     body = await request.body()
-    return await run_in_threadpool(_ingest, state, run_id, body)
+    result = await run_in_threadpool(_ingest, state, run_id, body)
+    if result.inserted:
+        if state.live is not None:
+            state.live.notify(run_id)  # detection runs in its own thread, after this response
+        state.announce(run_id)
+    return result
 
 
 @router.post("/{run_id}/rewind", response_model=RewindResult)
@@ -91,7 +98,13 @@ def rewind_run(run_id: int, data: RewindRequest, state: State, who: Worker) -> R
     with transaction(state.sessions, write=True) as session:
         run = get_run(session, run_id, for_update=True)
         outcome = store.rewind(session, run, data.step, reason=data.reason, actor=who.actor)
-        return RewindResult(event_id=outcome.event_id, step=data.step, removed=outcome.removed)
+        forget(session, run_id)
+        add_feed_event(session, run_id, "run", {"change": "rewind", "step": data.step})
+        result = RewindResult(event_id=outcome.event_id, step=data.step, removed=outcome.removed)
+    if state.live is not None:
+        state.live.notify(run_id)
+    state.announce_from_thread(run_id)
+    return result
 
 
 @router.get("/{run_id}/metrics", response_model=SeriesResult)

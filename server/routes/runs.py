@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from server.auth import Viewer, Worker
+from server.auth import ROLE_RANK, Viewer, Worker
 from server.db import transaction
-from server.errors import NotFound
+from server.errors import Forbidden, NotFound
 from server.schemas import EventList, EventPublic, RunCreate, RunList, RunPublic, RunStatusOrStale, RunUpdate
 from server.state import State
 from server.store import runs as store
@@ -17,13 +17,17 @@ from server.store.runs import decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
+OPERATOR_FIELDS = frozenset({"mode", "detector", "auto_approve_after_s", "reject_backoff"})
+
 
 @router.post("", response_model=RunPublic, status_code=status.HTTP_201_CREATED)
 def create_run(data: RunCreate, state: State, who: Worker) -> RunPublic:
     """Create a run (status `running`). Returns it with its `id`."""
     with transaction(state.sessions, write=True) as session:
         run = store.create_run(session, data, actor=who.actor)
-        return store.to_public(session, [run], grace=state.grace)[0]
+        result = store.to_public(session, [run], grace=state.grace)[0]
+    state.announce_from_thread(result.id)
+    return result
 
 
 @router.get("", response_model=RunList)
@@ -52,10 +56,20 @@ def read_run(run_id: int, state: State, _: Viewer) -> RunPublic:
 
 @router.patch("/{run_id}", response_model=RunPublic)
 def update_run(run_id: int, data: RunUpdate, state: State, who: Worker) -> RunPublic:
-    """Change name, tags, notes or status (`running`, `finished`, `failed`). Every change is audited."""
+    """Change name, tags, notes or status (`running`, `finished`, `failed`); with the operator role also the
+    live-detection settings (`mode`, `detector`, `auto_approve_after_s`, `reject_backoff`). Every change is
+    audited. A run that ends expires the proposals still waiting; a new `detector` is rebuilt from the
+    stored points and decides on new ones only."""
+    operator_fields = sorted(data.model_fields_set & OPERATOR_FIELDS)
+    if operator_fields and ROLE_RANK[who.role] < ROLE_RANK["operator"]:
+        raise Forbidden(f"changing {', '.join(operator_fields)} needs the operator role; the token has {who.role}")
     with transaction(state.sessions, write=True) as session:
         run = store.update_run(session, store.get_run(session, run_id, for_update=True), data, actor=who.actor)
-        return store.to_public(session, [run], grace=state.grace)[0]
+        result = store.to_public(session, [run], grace=state.grace)[0]
+    if state.live is not None:
+        state.live.notify(run_id)
+    state.announce_from_thread(run_id)
+    return result
 
 
 @router.post("/{run_id}/heartbeat", response_model=RunPublic)

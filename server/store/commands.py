@@ -1,4 +1,9 @@
-"""The per-run command queue: approved decisions the worker fetches, applies and acknowledges."""
+"""The per-run command queue: approved decisions the worker fetches, applies and acknowledges.
+
+A command is a :class:`server.models.Decision` in status ``approved`` (by an operator, by auto mode or by the
+auto-approval timeout); fetching it marks it ``delivered``, the worker's acknowledgement ``applied`` or
+``failed`` with the step and LR (``server.store.decisions`` records each transition).
+"""
 
 from __future__ import annotations
 
@@ -8,37 +13,28 @@ from sqlalchemy.orm import Session
 from server.errors import Conflict, NotFound
 from server.models import Decision, Run, utcnow
 from server.schemas import CommandAck, CommandCreate
-from server.store.events import record_event
+from server.store import decisions
 
 PENDING = ("approved", "delivered")
 
 
-def create_command(
-    session: Session, run: Run, data: CommandCreate, *, actor: str, source: str = "operator"
-) -> Decision:
-    now = utcnow()
-    command = Decision(
-        run_id=run.id,
+def create_command(session: Session, run: Run, data: CommandCreate, *, actor: str) -> Decision:
+    """An operator's decision with no proposal behind it ("decay now", "set the LR", "stop"): approved at
+    once. It supersedes any proposal still waiting, which was made for the LR this command changes."""
+    command = decisions.create(
+        session,
+        run,
         action=data.action,
         factor=data.factor,
         lr=data.lr,
-        status="approved",
-        source=source,
+        step=None,
+        source="operator",
+        actor=actor,
         evidence={},
-        actor=actor,
         reason=data.reason,
-        created_at=now,
-        updated_at=now,
+        status="approved",
     )
-    session.add(command)
-    session.flush()
-    record_event(
-        session,
-        run_id=run.id,
-        kind="command.created",
-        actor=actor,
-        payload={"command_id": command.id, **data.model_dump(mode="json")},
-    )
+    decisions.supersede_waiting(session, run.id, by=command.id, actor=actor)
     return command
 
 
@@ -51,14 +47,9 @@ def take_pending(session: Session, run_id: int, *, after: int = 0) -> list[Decis
             .order_by(Decision.id)
         )
     )
-    now = utcnow()
     for command in commands:
         if command.status == "approved":
-            command.status = "delivered"
-            command.delivered_at = command.updated_at = now
-            record_event(
-                session, run_id=run_id, kind="command.delivered", actor="worker", payload={"command_id": command.id}
-            )
+            decisions.transition(session, command, "delivered", actor="worker")
     return commands
 
 
@@ -83,15 +74,7 @@ def acknowledge(session: Session, run_id: int, command_id: int, ack: CommandAck,
         )
     if command.status not in PENDING:
         raise Conflict(f"command {command_id} is {command.status}, not waiting for the worker")
-    now = utcnow()
-    command.status = ack.status
     command.applied_step, command.applied_lr, command.ack_message = ack.step, ack.lr, ack.message
-    command.acked_at = command.updated_at = now
-    record_event(
-        session,
-        run_id=run_id,
-        kind=f"command.{ack.status}",
-        actor=actor,
-        payload={"command_id": command_id, **ack.model_dump(mode="json")},
-    )
+    command.acked_at = utcnow()
+    decisions.transition(session, command, ack.status, actor=actor, note=ack.message, step=ack.step, lr=ack.lr)
     return command

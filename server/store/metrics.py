@@ -17,6 +17,7 @@ from server.models import MetricPoint, Run, Series
 from server.schemas import IngestResult, PointIn, encode_stored_value
 from server.store import rollups
 from server.store.events import record_event
+from server.store.feed import add_feed_event
 from server.store.points import insert_points, values_at
 from server.store.runs import heartbeat
 
@@ -140,7 +141,23 @@ def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResul
         insert_points(session, rows)
         rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
     heartbeat(run)
+    if fresh:
+        add_feed_event(session, run.id, "points", {"keys": {s.key: _feed_summary(new) for s, new in fresh}})
     return IngestResult(accepted=len(points), inserted=inserted, duplicates=len(points) - inserted)
+
+
+FEED_POINTS = 64  # a batch this small per key carries its points in the live event: no refetch needed
+
+
+def _feed_summary(column: _Column) -> dict[str, Any]:
+    steps = column.steps
+    summary: dict[str, Any] = {"count": len(steps), "first_step": min(steps), "last_step": max(steps)}
+    if len(steps) <= FEED_POINTS:
+        summary["points"] = [
+            [step, encode_stored_value(value), epoch]
+            for step, value, epoch in zip(steps, column.values, column.epochs, strict=True)
+        ]
+    return summary
 
 
 def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_Column, list[dict[str, Any]]]:

@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 from server.errors import Invalid, run_not_found
 from server.models import Run, RunTag, Series, utcnow
 from server.schemas import LatestValue, RunCreate, RunPublic, RunUpdate, encode_stored_value, encode_value
+from server.store.decisions import expire_proposals, pending_proposals
 from server.store.events import record_event
+from server.store.feed import add_feed_event
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ def create_run(session: Session, data: RunCreate, *, actor: str) -> Run:
         notes=data.notes,
         status="running",
         config=data.config,
+        mode=data.mode,
+        detector=data.detector.model_dump(mode="json") if data.detector is not None else None,
+        auto_approve_after_s=data.auto_approve_after_s,
+        reject_backoff=data.reject_backoff.model_dump(mode="json", exclude_none=True) if data.reject_backoff else None,
         created_at=now,
         updated_at=now,
         last_heartbeat_at=now,
@@ -56,6 +62,7 @@ def create_run(session: Session, data: RunCreate, *, actor: str) -> Run:
         run.name = f"run-{run.id}"
     _set_tags(session, run.id, data.tags)
     record_event(session, run_id=run.id, kind="run.created", actor=actor, payload=data.model_dump(mode="json"))
+    add_feed_event(session, run.id, "run", {"change": "created"})
     return run
 
 
@@ -80,8 +87,23 @@ def update_run(session: Session, run: Run, data: RunUpdate, *, actor: str) -> Ru
         run.ended_at = None if data.status == "running" else now
         if data.status == "running":
             run.last_heartbeat_at = now
+        else:
+            expire_proposals(session, run, actor=actor, note=f"the run is {data.status}")
+    if "mode" in changes:
+        if data.mode is None:
+            raise Invalid("mode: cannot be null")
+        before["mode"], run.mode = run.mode, data.mode
+    if "detector" in changes:
+        # A new configuration makes live detection rebuild its state from the stored points (server.live).
+        before["detector"], run.detector = run.detector, changes["detector"]
+    if "auto_approve_after_s" in changes:
+        before["auto_approve_after_s"], run.auto_approve_after_s = run.auto_approve_after_s, data.auto_approve_after_s
+    if "reject_backoff" in changes:
+        backoff = data.reject_backoff.model_dump(mode="json", exclude_none=True) if data.reject_backoff else None
+        before["reject_backoff"], run.reject_backoff = run.reject_backoff, backoff
     run.updated_at = now
     record_event(session, run_id=run.id, kind="run.updated", actor=actor, payload={"before": before, "after": changes})
+    add_feed_event(session, run.id, "run", {"change": "updated", "fields": sorted(changes)})
     return run
 
 
@@ -171,6 +193,7 @@ def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> 
     ids = [r.id for r in runs]
     tags = tags_of(session, ids)
     latest = latest_values(session, ids)
+    pending = pending_proposals(session, ids)
     now = utcnow()
     return [
         RunPublic(
@@ -186,6 +209,11 @@ def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> 
             ended_at=r.ended_at,
             last_heartbeat_at=r.last_heartbeat_at,
             latest=latest.get(r.id, {}),
+            mode=r.mode,
+            detector=r.detector,
+            auto_approve_after_s=r.auto_approve_after_s,
+            reject_backoff=r.reject_backoff,
+            pending_proposals=pending.get(r.id, 0),
         )
         for r in runs
     ]

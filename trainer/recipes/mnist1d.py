@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from mnist1d.data import get_dataset_args, make_dataset
 from torch import nn
+
+from trainer.loop import Task
 
 LRSchedule = Callable[[int, int], float]
 """``schedule(epoch, step) -> lr``: the learning rate of update ``step`` (from 1) in epoch ``epoch`` (from 0)."""
@@ -310,3 +312,32 @@ def _sasa_delta(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor
             square += float(torch.dot(d64, d64))
     value = inner + 0.5 * lr * square
     return value if math.isfinite(value) else float("nan")
+
+
+# --- the recipe for ``stagewatch train`` -----------------------------------------------------------------------
+
+
+def make_task(data: Mnist1dData, *, batch_size: int, seed: int, channels: int = 32) -> Task:
+    """The :class:`trainer.loop.Task` of ``stagewatch train --recipe mnist1d-cnn``: a fresh :class:`ConvNet`
+    (initialised from ``seed``) and minibatches drawn from a generator seeded with ``seed``;
+    ``batch_size=0`` is full batch (one update per epoch, no SGD noise)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = ConvNet(channels)
+    n = data.num_train
+    size = n if batch_size == 0 else min(batch_size, n)
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ARG001 - fixed signature
+        order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
+        for first in range(0, n, size):
+            index = order[first : first + size]
+            yield data.x_train[index], data.y_train[index]
+
+    return Task(
+        model=model,
+        batches=batches,
+        steps_per_epoch=math.ceil(n / size),
+        evaluate=lambda m: evaluate(m, data.x_test, data.y_test),
+        description={"num_train": n, "num_test": int(data.y_test.shape[0]), "channels": channels},
+    )

@@ -1,0 +1,313 @@
+"""One pass of live detection over a run: the stored points it has not seen yet, in step order.
+
+Everything a pass changes -- the detector's state, the stages, the decisions and their commands -- is
+written in one transaction together with the position it reached, so a server that stops at any moment
+resumes from the last committed pass and makes exactly the decisions it would have made without stopping.
+
+Two readers follow the stored points, each with its own position in ``detector_states``:
+
+* stages: the run's LR key (``lr`` by default). Stage 0 starts at its first point; every change of the
+  logged LR closes the current stage and opens the next (``source`` ``lr_change``). Each stage's ``summary``
+  holds the monitored metric's count, first, last, min and max over the stage.
+* the detector: the monitored metric (``detector.metric``). Before each point, the LR logged at or before
+  its step is handed to ``set_lr``, so the detector learns of schedules and of applied decisions. While the
+  run is held (``hold_until_step`` / ``hold_until_epoch``), points are not fed to it.
+
+A new detector configuration (``PATCH /runs/{id}``) or a rewind rebuilds the detector from the first point,
+silently: decisions the old configuration made stand, and the new one decides only on points to come.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.detectors import Decision as DetectorDecision
+from server.detectors import Detector, make_detector
+from server.errors import Invalid
+from server.models import DetectorState, MetricPoint, Run, Series, Stage, utcnow
+from server.schemas import StagePublic
+from server.store import decisions
+from server.store.feed import add_feed_event
+
+CHUNK = 20_000  # points read per query; a pass loops until it has seen all of them
+
+
+@dataclass
+class PassResult:
+    """What a pass changed: whether the worker has a new command, and whether subscribers have news."""
+
+    commands: bool = False
+    changed: bool = False
+    decisions: list[int] = field(default_factory=list)
+
+
+def _series_id(session: Session, run_id: int, key: str) -> int | None:
+    return session.scalar(select(Series.id).where(Series.run_id == run_id, Series.key == key))
+
+
+def _points_after(
+    session: Session, series_id: int | None, after: int | None, *, upto: int | None = None, limit: int = CHUNK
+) -> Sequence[Any]:
+    if series_id is None:
+        return []
+    query = select(MetricPoint.step, MetricPoint.value, MetricPoint.epoch).where(MetricPoint.series_id == series_id)
+    if after is not None:
+        query = query.where(MetricPoint.step > after)
+    if upto is not None:
+        query = query.where(MetricPoint.step <= upto)
+    return session.execute(query.order_by(MetricPoint.step).limit(limit)).all()
+
+
+def _lr_key(run: Run) -> str:
+    return str((run.detector or {}).get("lr_key", "lr"))
+
+
+def build_detector(config: dict[str, Any]) -> Detector[Any]:
+    return make_detector(str(config["name"]), config.get("params") or {})
+
+
+def load_detector(row: DetectorState) -> Detector[Any]:
+    detector = build_detector(row.config)
+    if row.state:
+        detector.load_state_dict(row.state)
+    return detector
+
+
+def _stage_event(session: Session, stage: Stage) -> None:
+    add_feed_event(session, stage.run_id, "stage", StagePublic.model_validate(stage, from_attributes=True).model_dump())
+
+
+class _Stages:
+    """The run's stages, kept in memory for one pass."""
+
+    def __init__(self, session: Session, run_id: int) -> None:
+        self.session = session
+        self.run_id = run_id
+        self.rows = list(session.scalars(select(Stage).where(Stage.run_id == run_id).order_by(Stage.index)))
+        self.touched: set[int] = set()  # indexes whose row changed in this pass
+
+    def open(self, start_step: int, lr: float | None, source: str) -> Stage:
+        if self.rows and self.rows[-1].end_step is None:
+            self.rows[-1].end_step = start_step - 1
+            self.touched.add(self.rows[-1].index)
+        stage = Stage(
+            run_id=self.run_id,
+            index=len(self.rows),
+            start_step=start_step,
+            end_step=None,
+            lr=lr,
+            source=source,
+            summary={},
+            created_at=utcnow(),
+        )
+        self.session.add(stage)
+        self.rows.append(stage)
+        self.touched.add(stage.index)
+        return stage
+
+    def at(self, step: int) -> Stage | None:
+        for stage in reversed(self.rows):
+            if stage.start_step <= step:
+                return stage
+        return self.rows[0] if self.rows else None
+
+    def add_value(self, metric: str, step: int, value: float | None) -> None:
+        stage = self.at(step)
+        if stage is None:
+            stage = self.open(step, None, "start")
+        if value is None or not math.isfinite(value):
+            return
+        summary: dict[str, Any] = (
+            dict(stage.summary) if stage.summary.get("metric") == metric else {"metric": metric, "count": 0}
+        )
+        if summary["count"] == 0:
+            summary.update(first=value, first_step=step, min=value, max=value)
+        summary["count"] += 1
+        summary.update(last=value, last_step=step, min=min(summary["min"], value), max=max(summary["max"], value))
+        stage.summary = summary
+        self.touched.add(stage.index)
+
+    def publish(self) -> bool:
+        self.session.flush()
+        for index in sorted(self.touched):
+            _stage_event(self.session, self.rows[index])
+        return bool(self.touched)
+
+
+def _follow_lr(session: Session, run: Run, row: DetectorState, stages: _Stages) -> None:
+    """Stages from the logged LR: every change of value opens a new stage."""
+    lr_series = _series_id(session, run.id, _lr_key(run))
+    while True:
+        points = _points_after(session, lr_series, row.lr_step)
+        for step, value, _epoch in points:
+            row.lr_step = step
+            if value is None or not math.isfinite(value):
+                continue
+            if not stages.rows:
+                stages.open(step, value, "start")
+            elif stages.rows[-1].lr is None:
+                stages.rows[-1].lr = value
+                stages.touched.add(stages.rows[-1].index)
+            elif value != row.lr:
+                stages.open(step, value, "lr_change")
+            row.lr = value
+        if len(points) < CHUNK:
+            return
+
+
+def _on_decision(
+    session: Session, run: Run, detector: Detector[Any], decision: DetectorDecision, metric: str, result: PassResult
+) -> None:
+    evidence = {**decision.evidence.to_dict(), "metric": metric, "detector": detector.name}
+    source = f"detector:{detector.name}"
+    mode = run.mode if run.status == "running" else "observe"  # a finished run can no longer act
+    created = decisions.create(
+        session,
+        run,
+        action=decision.action,
+        factor=decision.factor if decision.action == "decay" else None,
+        lr=None,
+        step=decision.step,
+        source=source,
+        actor=source,
+        evidence=evidence,
+        reason=decision.evidence.explanation,
+        status="proposed" if mode != "observe" else "observed",
+    )
+    result.decisions.append(created.id)
+    if mode == "observe":
+        detector.not_applied(decision.action)
+        return
+    for stale in decisions.supersede_waiting(session, run.id, by=created.id, actor=source):
+        detector.not_applied(stale.action)  # type: ignore[arg-type]
+    if mode == "auto":
+        decisions.transition(session, created, "approved", actor="auto", note="auto mode")
+        result.commands = True
+
+
+def _held(row: DetectorState, step: int, epoch: float | None) -> bool:
+    if row.hold_until_step is not None and step < row.hold_until_step:
+        return True
+    return row.hold_until_epoch is not None and epoch is not None and epoch < row.hold_until_epoch
+
+
+def _feed_detector(
+    session: Session, run: Run, row: DetectorState, detector: Detector[Any], stages: _Stages | None, *, emit: bool
+) -> PassResult:
+    """Feeds the monitored points after ``row.last_step`` (with the LR in effect before each)."""
+    result = PassResult()
+    config = row.config
+    metric = str(config.get("metric", "epoch/train_loss"))
+    metric_series = _series_id(session, run.id, metric)
+    lr_series = _series_id(session, run.id, _lr_key(run))
+    while True:
+        points = _points_after(session, metric_series, row.last_step)
+        if not points:
+            return result
+        lrs = _points_after(session, lr_series, row.last_step, upto=points[-1][0], limit=10 * CHUNK)
+        i = 0
+        for step, value, epoch in points:
+            while i < len(lrs) and lrs[i][0] <= step:
+                lr = lrs[i][1]
+                if lr is not None and math.isfinite(lr) and lr != detector.lr:
+                    detector.set_lr(lr)
+                i += 1
+            row.last_step = step
+            if stages is not None:
+                stages.add_value(metric, step, value)
+            if _held(row, step, epoch):
+                continue
+            made = detector.update(step, math.nan if value is None else value)
+            if emit:
+                for decision in made:
+                    _on_decision(session, run, detector, decision, metric, result)
+        if len(points) < CHUNK:
+            return result
+
+
+def _fresh_row(run: Run, config: dict[str, Any]) -> DetectorState:
+    return DetectorState(run_id=run.id, config=config, state={}, last_step=None, updated_at=utcnow())
+
+
+def process_run(session: Session, run_id: int) -> PassResult:
+    """One pass over ``run_id``; call inside a write transaction."""
+    run = session.get(Run, run_id)
+    if run is None:
+        return PassResult()
+    row = session.get(DetectorState, run_id, with_for_update=True)
+    config = dict(run.detector) if run.detector is not None else {}
+    if row is None:
+        row = _fresh_row(run, config)
+        session.add(row)
+    stages = _Stages(session, run.id)
+    _follow_lr(session, run, row, stages)
+    result = PassResult()
+    if not config:
+        row.config = {}
+    else:
+        if row.config != config:
+            # A new configuration: rebuild from the first point without acting on the past.
+            row.config, row.state, row.last_step = config, {}, None
+            rebuilt = build_detector(config)
+            _feed_detector(session, run, row, rebuilt, None, emit=False)
+            row.state = rebuilt.state_dict()
+        detector = load_detector(row)
+        result = _feed_detector(session, run, row, detector, stages, emit=True)
+        row.state = detector.state_dict()
+    row.updated_at = utcnow()
+    result.changed = stages.publish() or bool(result.decisions)
+    return result
+
+
+def forget(session: Session, run_id: int) -> None:
+    """After a rewind: stages and detector state are rebuilt from the points that remain."""
+    row = session.get(DetectorState, run_id, with_for_update=True)
+    if row is not None:
+        session.delete(row)
+    for stage in session.scalars(select(Stage).where(Stage.run_id == run_id)):
+        session.delete(stage)
+    session.flush()
+
+
+# --- operator actions on the detector -----------------------------------------------------------------------
+
+
+def _row_for_action(session: Session, run: Run) -> DetectorState:
+    row = session.get(DetectorState, run.id, with_for_update=True)
+    if row is None:
+        row = _fresh_row(run, {})
+        session.add(row)
+    return row
+
+
+def told_not_applied(session: Session, run: Run, action: str) -> None:
+    """The detector learns that one of its decisions was not applied (see ``Detector.not_applied``)."""
+    row = session.get(DetectorState, run.id, with_for_update=True)
+    if row is None or not row.config or not row.state:
+        return
+    detector = load_detector(row)
+    detector.not_applied(action)  # type: ignore[arg-type]
+    row.state = detector.state_dict()
+
+
+def hold(session: Session, run: Run, *, epochs: float | None, steps: int | None) -> DetectorState:
+    """Stop feeding the detector for ``epochs`` or ``steps`` from the latest monitored point."""
+    row = _row_for_action(session, run)
+    metric = str((run.detector or {}).get("metric", "epoch/train_loss"))
+    series = session.scalar(select(Series).where(Series.run_id == run.id, Series.key == metric))
+    if steps is not None:
+        last = series.last_step if series is not None and series.last_step is not None else 0
+        row.hold_until_step = max(row.hold_until_step or 0, last + steps)
+    elif epochs is not None:
+        if series is None or series.last_epoch is None:
+            raise Invalid(f"epochs: the run's {metric!r} points carry no epoch yet; hold for a number of steps")
+        row.hold_until_epoch = max(row.hold_until_epoch or 0.0, series.last_epoch + epochs)
+    row.updated_at = utcnow()
+    session.flush()
+    return row

@@ -1,0 +1,112 @@
+"""The thread that runs live detection, off the request path.
+
+Ingest commits the points and calls :meth:`LiveDetection.notify`; this thread then runs a pass
+(:func:`server.live.detection.process_run`) for each run that has news, one run at a time, each pass in its
+own write transaction. After a pass that approved a command or changed what subscribers see, ``on_change``
+is called with the run's id (the app wakes the worker's long-poll and the live-event streams).
+
+Every ``sweep_s`` it also approves proposals whose run's ``auto_approve_after_s`` has passed. At start it
+queues every run with a detector, so a restarted server catches up on points it has not processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db import transaction
+from server.live.detection import process_run
+from server.models import Run, utcnow
+from server.store import decisions
+
+logger = logging.getLogger("stagewatch.live")
+
+
+class LiveDetection:
+    def __init__(
+        self, sessions: sessionmaker[Session], on_change: Callable[[int, bool], None], *, sweep_s: float = 0.5
+    ) -> None:
+        self._sessions = sessions
+        self._on_change = on_change  # (run_id, new_command)
+        self._sweep_s = sweep_s
+        self._dirty: dict[int, None] = {}  # insertion-ordered set
+        self._cond = threading.Condition()
+        self._busy = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._main, name="stagewatch-live", daemon=True)
+
+    def start(self) -> None:
+        with transaction(self._sessions) as session:
+            runs = session.scalars(select(Run.id).where(Run.detector.is_not(None)).order_by(Run.id)).all()
+        with self._cond:
+            self._dirty.update(dict.fromkeys(runs))
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def notify(self, run_id: int) -> None:
+        """Thread-safe; cheap. The run gets a pass soon (several notifications make one pass)."""
+        with self._cond:
+            self._dirty[run_id] = None
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Until nothing is queued or running (tests and benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._dirty or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _main(self) -> None:
+        next_sweep = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._dirty and not self._stop and time.monotonic() < next_sweep:
+                    self._cond.wait(max(0.0, next_sweep - time.monotonic()))
+                if self._stop:
+                    return
+                run_id = next(iter(self._dirty), None)
+                if run_id is not None:
+                    del self._dirty[run_id]
+                self._busy = True
+            try:
+                if run_id is not None:
+                    self._pass(run_id)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._sweep_s
+                    self._sweep()
+            except Exception:  # a bug in one pass must not end live detection for every run
+                logger.exception("live detection failed (run %s)", run_id)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _pass(self, run_id: int) -> None:
+        with transaction(self._sessions, write=True) as session:
+            result = process_run(session, run_id)
+        if result.changed or result.commands:
+            self._on_change(run_id, result.commands)
+
+    def _sweep(self) -> None:
+        with transaction(self._sessions, write=True) as session:
+            due = decisions.due_for_auto_approval(session, utcnow())
+            for decision, run in due:
+                after = f"no decision within {run.auto_approve_after_s:g} s"
+                decisions.transition(session, decision, "approved", actor="auto-approve", note=after)
+            runs = {run.id for _, run in due}
+        for run_id in sorted(runs):
+            self._on_change(run_id, True)

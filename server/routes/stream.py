@@ -1,0 +1,141 @@
+"""Live events over Server-Sent Events, resumable: nothing is missed across a reconnect.
+
+Each event carries its feed id as the SSE ``id``; a browser's ``EventSource`` sends the last one back as
+``Last-Event-ID`` when it reconnects, and the stream goes on right after it (``after`` does the same for other
+clients). Without either, the stream starts with what happens from now on. The first message is ``hello``
+with the current cursor, so a client can subscribe first, then load the state it draws, then apply events.
+
+Event kinds: ``points`` (keys and step ranges of a committed batch; small batches carry their points),
+``decision`` (a decision after any transition), ``stage`` (a stage opened, closed or updated), ``run``
+(created, updated, rewound, held).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from starlette.concurrency import run_in_threadpool
+
+from server.auth import Principal, bearer, require
+from server.db import transaction
+from server.errors import Invalid
+from server.models import FeedEvent
+from server.state import ALL_RUNS, AppState, State
+from server.store.feed import last_feed_id, read_feed
+from server.store.runs import get_run
+
+router = APIRouter(prefix="/api/v1", tags=["live events"])
+
+KEEPALIVE_S = 15.0
+RECHECK_S = 2.0  # other server processes behind the same database do not wake us: look anyway
+BATCH = 500
+
+
+def _viewer(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    token: Annotated[str | None, Query(description="A viewer token, for clients that cannot set headers.")] = None,
+) -> Principal:
+    """A browser's EventSource cannot send an Authorization header; it may pass ``?token=`` instead."""
+    if credentials is None and token is not None:
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+    check = require("viewer")
+    return check(request, credentials)
+
+
+Viewer = Annotated[Principal, Depends(_viewer)]
+
+
+def _cursor(after: int | None, last_event_id: str | None) -> int | None:
+    if last_event_id:
+        try:
+            return max(0, int(last_event_id))
+        except ValueError:
+            raise Invalid(f"Last-Event-ID: expected an event id, got {last_event_id!r}") from None
+    return after
+
+
+def _message(event: FeedEvent) -> bytes:
+    data = orjson.dumps({"run_id": event.run_id, **event.payload})
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.kind.encode(), data)
+
+
+def _read(state: AppState, after: int, run_id: int | None) -> list[bytes]:
+    with transaction(state.sessions) as session:
+        return [_message(e) for e in read_feed(session, after=after, run_id=run_id, limit=BATCH)]
+
+
+def _start(state: AppState, run_id: int | None) -> int:
+    with transaction(state.sessions) as session:
+        if run_id is not None:
+            get_run(session, run_id)
+        return last_feed_id(session)
+
+
+async def _events(state: AppState, request: Request, run_id: int | None, cursor: int) -> AsyncIterator[bytes]:
+    key = ALL_RUNS if run_id is None else run_id
+    signal = state.feed.subscribe(key)
+    try:
+        hello = orjson.dumps({"cursor": cursor, "run_id": run_id})
+        yield b"retry: 1000\nid: %d\nevent: hello\ndata: %s\n\n" % (cursor, hello)
+        quiet = 0.0
+        while not await request.is_disconnected():
+            signal.clear()  # before reading: a commit after the read still wakes the wait below
+            messages = await run_in_threadpool(_read, state, cursor, run_id)
+            if messages:
+                quiet = 0.0
+                for message in messages:
+                    yield message
+                cursor = int(messages[-1].split(b"\n", 1)[0][4:])
+                if len(messages) == BATCH:
+                    continue
+            try:
+                await asyncio.wait_for(signal.wait(), RECHECK_S)
+            except TimeoutError:
+                quiet += RECHECK_S
+                if quiet >= KEEPALIVE_S:  # keeps proxies from closing an idle stream
+                    quiet = 0.0
+                    yield b": keepalive\n\n"
+    finally:
+        state.feed.unsubscribe(key, signal)
+
+
+def _response(state: AppState, request: Request, run_id: int | None, cursor: int) -> StreamingResponse:
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_events(state, request, run_id, cursor), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/stream", response_class=StreamingResponse)
+async def stream_all(
+    request: Request,
+    state: State,
+    _: Viewer,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Live events of every run (the runs page)."""
+    cursor = _cursor(after, last_event_id)
+    if cursor is None:
+        cursor = await run_in_threadpool(_start, state, None)
+    return _response(state, request, None, cursor)
+
+
+@router.get("/runs/{run_id}/stream", response_class=StreamingResponse)
+async def stream_run(
+    run_id: int,
+    request: Request,
+    state: State,
+    _: Viewer,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this event id.")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Live events of one run (its page)."""
+    cursor = _cursor(after, last_event_id)
+    start = await run_in_threadpool(_start, state, run_id)  # also 404 for an unknown run
+    return _response(state, request, run_id, start if cursor is None else cursor)

@@ -1,0 +1,30 @@
+"""The live feed: changes a dashboard must see, in commit order, with their id as the resume cursor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.models import FeedEvent
+
+FEED_KINDS = ("points", "decision", "stage", "run")
+
+
+def add_feed_event(session: Session, run_id: int, kind: str, payload: dict[str, Any]) -> None:
+    """Appends one event; it becomes visible to subscribers when the transaction commits."""
+    session.add(FeedEvent(run_id=run_id, kind=kind, payload=payload))
+
+
+def read_feed(session: Session, *, after: int, run_id: int | None = None, limit: int = 500) -> list[FeedEvent]:
+    """Events with an id above ``after`` (of one run, or of all), oldest first."""
+    query = select(FeedEvent).where(FeedEvent.id > after)
+    if run_id is not None:
+        query = query.where(FeedEvent.run_id == run_id)
+    return list(session.scalars(query.order_by(FeedEvent.id).limit(limit)))
+
+
+def last_feed_id(session: Session) -> int:
+    last = session.scalar(select(FeedEvent.id).order_by(FeedEvent.id.desc()).limit(1))
+    return int(last) if last is not None else 0

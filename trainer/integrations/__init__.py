@@ -1,0 +1,1 @@
+"""Adapters for training frameworks: plain PyTorch, PyTorch Lightning, Hugging Face ``Trainer``."""

@@ -1,0 +1,162 @@
+"""The supervised training loop behind ``stagewatch train``, shared by every recipe.
+
+A recipe (:mod:`trainer.recipes`) supplies a :class:`Task`: the model, its minibatches per epoch and an
+evaluation. :func:`fit` trains it with SGD under one of four schedules and streams it to a run:
+
+* per update: ``train/loss`` (the minibatch loss before the update) and ``lr`` (the rate the update used),
+  at ``step`` = updates done so far and ``epoch`` = ``step / steps_per_epoch``;
+* per epoch: ``epoch/train_loss`` (the mean minibatch loss of the epoch), ``test/loss`` and ``test/accuracy``.
+
+Schedules (``--schedule``):
+
+* ``constant`` -- the starting rate throughout;
+* ``step`` -- StepDecay: x0.1 at 50% and at 75% of the epochs (the paper's baseline);
+* ``plateau`` -- PyTorch's ``ReduceLROnPlateau`` with its defaults (x0.1 after 10 epochs without a 1e-4
+  relative improvement), stepped once per epoch on ``epoch/train_loss``: the same signal the server's
+  AutoDecay watches, so the two differ only in the rule;
+* ``autodecay`` -- a constant rate in the worker; the server's detector decides the decays (and the stop), and
+  the run's mode decides whether they are applied at once, after approval, or only drawn.
+
+After every update a :class:`trainer.torch.CommandApplier` applies the server's commands (decay, set_lr,
+stop) to the optimizer *and* the scheduler, so a server-decided decay and a scheduled one compose. A ``stop``
+ends training at that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+
+from trainer.run import Run
+from trainer.torch import CommandApplier
+
+__all__ = ["SCHEDULES", "FitResult", "Task", "fit", "step_milestones"]
+
+SCHEDULES = ("constant", "step", "plateau", "autodecay")
+TRAIN_LOSS = "train/loss"
+EPOCH_TRAIN_LOSS = "epoch/train_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a recipe gives the loop.
+
+    ``batches(epoch)`` yields the ``(inputs, labels)`` minibatches of that 0-based epoch, already on
+    ``device``; ``steps_per_epoch`` is how many it yields. ``evaluate(model)`` returns the test loss and
+    accuracy (it may switch the model to eval mode; the loop switches it back).
+    """
+
+    model: nn.Module
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    steps_per_epoch: int
+    evaluate: Callable[[nn.Module], tuple[float, float]]
+    description: dict[str, Any]  # recipe facts recorded in the run's config (data, sizes, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    epochs: int  # completed epochs
+    steps: int
+    stopped: bool  # ended by a stop command
+    test_loss: float
+    test_accuracy: float
+    lr: float  # the rate in effect at the end
+    seconds: float
+
+
+def step_milestones(epochs: int) -> list[int]:
+    """The 0-based epochs at which the ``step`` schedule decays: 50% and 75% of the way through."""
+    return [epochs // 2, (3 * epochs) // 4]
+
+
+def _scheduler(
+    schedule: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int
+) -> LambdaLR | ReduceLROnPlateau:
+    if schedule == "plateau":
+        return ReduceLROnPlateau(optimizer)
+    milestones = step_milestones(epochs) if schedule == "step" else []
+
+    # The scheduler counts updates; update k + 1 belongs to epoch k // steps_per_epoch. A server decay scales
+    # its base LR (CommandApplier patches it), so the schedule goes on from the server's new rate.
+    def factor(done: int) -> float:
+        epoch = done // steps_per_epoch
+        return 0.1 ** sum(1 for m in milestones if epoch >= m)
+
+    return LambdaLR(optimizer, factor)
+
+
+def fit(
+    task: Task,
+    run: Run,
+    *,
+    schedule: str,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    log: Callable[[str], None] = lambda line: None,
+) -> FitResult:
+    """Trains ``task.model`` for up to ``epochs`` epochs with ``optimizer`` under ``schedule`` (see the
+    module doc), logging to ``run`` and applying its commands; ``log`` receives one line per epoch."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    model = task.model
+    per_epoch = task.steps_per_epoch
+    scheduler = _scheduler(schedule, optimizer, epochs, per_epoch)
+    applier = CommandApplier(run, optimizer, scheduler)
+    started = time.perf_counter()
+    step = completed = 0
+    test_loss = test_acc = math.nan
+    model.train()
+    for epoch in range(epochs):
+        loss_sum = 0.0
+        seen = 0
+        for x, y in task.batches(epoch):
+            lr = applier.current_lr()
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            if isinstance(scheduler, LambdaLR):
+                scheduler.step()
+            step += 1
+            loss_value = loss.item()
+            loss_sum += loss_value * len(y)
+            seen += len(y)
+            run.log({TRAIN_LOSS: loss_value, "lr": lr}, step=step, epoch=step / per_epoch)
+            applier.step(step)
+            if applier.should_stop:
+                break
+        if applier.should_stop:
+            log(f"stagewatch train: run {run.id} stopped by the server at step {step} (epoch {epoch + 1})")
+            break
+        completed = epoch + 1
+        test_loss, test_acc = task.evaluate(model)
+        model.train()
+        train_loss = loss_sum / max(seen, 1)
+        if isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step(train_loss)
+        run.log(
+            {EPOCH_TRAIN_LOSS: train_loss, "test/loss": test_loss, "test/accuracy": test_acc},
+            step=step,
+            epoch=float(completed),
+        )
+        log(
+            f"epoch {completed}/{epochs}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
+            f"test accuracy {test_acc:.3f}  lr {applier.current_lr():.3g}"
+        )
+    return FitResult(
+        epochs=completed,
+        steps=step,
+        stopped=applier.should_stop,
+        test_loss=test_loss,
+        test_accuracy=test_acc,
+        lr=applier.current_lr(),
+        seconds=time.perf_counter() - started,
+    )
