@@ -253,6 +253,10 @@ DecisionStatus = Literal[
 
 
 class Transition(BaseModel):
+    """One lifecycle step; some carry more (``overrides``: what was proposed; ``step``/``lr``: the worker's ack)."""
+
+    model_config = ConfigDict(extra="allow")
+
     status: str
     actor: str
     at: dt.datetime

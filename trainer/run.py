@@ -14,10 +14,12 @@ idempotent (a resent identical point is a counted no-op), so every point is stor
 A batch the server refuses for good (409 conflict with a stored value, 422 invalid, 400/404/413) is not
 retried: the sender logs the server's message and appends the batch to ``<spool_dir>/rejected.jsonl``.
 
-Commands (``decay``, ``set_lr``, ``stop``; see :mod:`trainer.commands`) arrive in the responses to metric
-batches; when no batch has brought any for ``command_idle_s`` a third thread long-polls
-``GET /runs/{id}/commands`` (``wait=command_wait_s``, its own HTTP connection, so a poll never delays a metric
-batch or ``flush``). ``Run.pending_commands()`` reads them without I/O; ``Run.ack_command`` queues the
+Commands (``decay``, ``set_lr``, ``stop``; see :mod:`trainer.commands`) are pushed: a third thread keeps a
+long-poll ``GET /runs/{id}/commands`` open (``wait=command_wait_s``, its own HTTP connection, so a poll never
+delays a metric batch or ``flush``), which the server answers the moment a command is approved -- within
+milliseconds on a LAN. The responses to metric batches carry them too. With ``command_idle_s`` > 0 the
+poller only polls after that long without a batch response that brought commands (fewer requests, slower
+delivery). ``Run.pending_commands()`` reads them without I/O; ``Run.ack_command`` queues the
 acknowledgement, which the sender posts and retries through outages like a metric batch.
 """
 
@@ -120,6 +122,7 @@ class Run:
         run_id: int | None,
         detector: Mapping[str, Any] | None = None,
         mode: str | None = None,
+        auto_approve_after_s: float | None = None,
         spool_dir: str | Path | None,
         timeout: float,
         batch_points: int,
@@ -131,7 +134,7 @@ class Run:
         close_timeout_s: float,
         transport: httpx.BaseTransport | None,
         command_wait_s: float = 5.0,
-        command_idle_s: float = 1.0,
+        command_idle_s: float = 0.0,
     ) -> None:
         self.id: int | None = run_id
         self.state = RunState.UNOPENED
@@ -143,6 +146,7 @@ class Run:
             "config": dict(config or {}),
             "detector": dict(detector) if detector is not None else None,
             "mode": mode,
+            "auto_approve_after_s": auto_approve_after_s,
         }
         self._client = Client(url, token=token, timeout=timeout, transport=transport)
         local = f"run-{run_id}" if run_id is not None else f"new-{uuid.uuid4().hex[:12]}"
@@ -673,6 +677,7 @@ def start_run(
     run_id: int | None = None,
     detector: Mapping[str, Any] | None = None,
     mode: str | None = None,
+    auto_approve_after_s: float | None = None,
     spool_dir: str | Path | None = None,
     timeout: float = 10.0,
     batch_points: int = 5000,
@@ -684,7 +689,7 @@ def start_run(
     close_timeout_s: float = 30.0,
     transport: httpx.BaseTransport | None = None,
     command_wait_s: float = 5.0,
-    command_idle_s: float = 1.0,
+    command_idle_s: float = 0.0,
 ) -> Run:
     """A run to open with ``with``: creates it on the server (or resumes ``run_id``), marks it ``finished``
     on a normal exit and ``failed`` when the block raises (the exception propagates).
@@ -695,16 +700,17 @@ def start_run(
     ```
 
     ``detector`` (``{"name": "autodecay", "metric": "epoch/train_loss", "params": {...}}``) and ``mode``
-    (``auto``, ``approve`` or ``observe``) configure the server's stage detection for a new run; omitted,
-    the server's defaults apply. They are ignored when resuming ``run_id``.
+    (``auto``, ``approve`` or ``observe``) configure the server's stage detection for a new run, with
+    ``auto_approve_after_s`` (approve mode: approve a proposal nobody decided on); omitted, the server's
+    defaults apply. They are ignored when resuming ``run_id``.
 
     ``spool_dir`` (default ``~/.stagewatch/spool/run-<id>``) receives the points that do not fit in
     memory (``max_memory_points``) while the server is unreachable, and the batches it refuses for good.
     ``max_queue`` bounds the ``log()`` calls waiting for the sender thread; past it they are handed to a
     spiller thread that writes them to the spool (``log()`` itself never does I/O).
 
-    Commands from the server come with the answers to metric batches; after ``command_idle_s`` without one,
-    a background thread long-polls for them (``command_wait_s`` per request, 0..30). Read them with
+    Commands from the server reach a background thread that long-polls for them (``command_wait_s`` per
+    request, 0..30; see the module doc for ``command_idle_s``) and the answers to metric batches. Read them with
     :meth:`Run.pending_commands` and apply them with :class:`trainer.torch.CommandApplier`.
     """
     return Run(
@@ -718,6 +724,7 @@ def start_run(
         run_id=run_id,
         detector=detector,
         mode=mode,
+        auto_approve_after_s=auto_approve_after_s,
         spool_dir=spool_dir,
         timeout=timeout,
         batch_points=batch_points,

@@ -53,6 +53,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stagewatch train",
@@ -80,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=_positive_float, default=0.1)
     parser.add_argument(
         "--num-samples", type=_positive_int, default=None, help="MNIST-1D samples, train + test (default 5000)"
+    )
+    parser.add_argument("--width", type=_positive_int, default=32, help="mnist1d-cnn: channels per layer")
+    parser.add_argument(
+        "--label-noise",
+        type=_fraction,
+        default=0.0,
+        metavar="P",
+        help="mnist1d-cnn: replace this fraction of training labels by random ones (default 0)",
     )
     parser.add_argument(
         "--server",
@@ -147,7 +162,13 @@ def _task(args: argparse.Namespace) -> Any:
     if args.recipe == "mnist1d-cnn":
         from trainer.recipes.mnist1d import load_data, make_task
 
-        return make_task(load_data(num_samples=args.num_samples), batch_size=args.batch_size, seed=args.seed)
+        return make_task(
+            load_data(num_samples=args.num_samples),
+            batch_size=args.batch_size,
+            seed=args.seed,
+            channels=args.width,
+            label_noise=args.label_noise,
+        )
     try:
         from trainer.recipes import vision
     except ImportError as exc:  # torchvision missing

@@ -237,7 +237,8 @@ def _fresh_row(run: Run, config: dict[str, Any]) -> DetectorState:
 
 def process_run(session: Session, run_id: int) -> PassResult:
     """One pass over ``run_id``; call inside a write transaction."""
-    run = session.get(Run, run_id)
+    # The run row first, as every writer of a run does (lock order: no deadlock with an ingest on Postgres).
+    run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())
     if run is None:
         return PassResult()
     row = session.get(DetectorState, run_id, with_for_update=True)

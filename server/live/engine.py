@@ -102,11 +102,15 @@ class LiveDetection:
             self._on_change(run_id, result.commands)
 
     def _sweep(self) -> None:
-        with transaction(self._sessions, write=True) as session:
-            due = decisions.due_for_auto_approval(session, utcnow())
-            for decision, run in due:
-                after = f"no decision within {run.auto_approve_after_s:g} s"
-                decisions.transition(session, decision, "approved", actor="auto-approve", note=after)
-            runs = {run.id for _, run in due}
-        for run_id in sorted(runs):
-            self._on_change(run_id, True)
+        with transaction(self._sessions) as session:  # read-only first: most sweeps find nothing
+            due = {run.id for _, run in decisions.due_for_auto_approval(session, utcnow())}
+        for run_id in sorted(due):
+            with transaction(self._sessions, write=True) as session:
+                run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())  # run row first
+                approved = 0
+                for decision, run in decisions.due_for_auto_approval(session, utcnow(), run_id=run_id):
+                    after = f"no decision within {run.auto_approve_after_s:g} s"
+                    decisions.transition(session, decision, "approved", actor="auto-approve", note=after)
+                    approved += 1
+            if approved:
+                self._on_change(run_id, True)

@@ -45,7 +45,8 @@ def create_command(run_id: int, data: CommandCreate, state: State, who: Operator
 
 def _take(state: AppState, run_id: int, after: int) -> list[CommandPublic]:
     with transaction(state.sessions, write=True) as session:
-        get_run(session, run_id)
+        # The run row first, as every writer of a run does: otherwise Postgres can deadlock with an ingest.
+        get_run(session, run_id, for_update=True)
         return [public(c) for c in store.take_pending(session, run_id, after=after)]
 
 
@@ -79,7 +80,7 @@ def acknowledge_command(run_id: int, command_id: int, ack: CommandAck, state: St
     """The worker applied (or could not apply) a command at `step`; `lr` is the LR now in effect. Repeating
     the same acknowledgement is harmless; a different one is a 409."""
     with transaction(state.sessions, write=True) as session:
-        get_run(session, run_id)
+        get_run(session, run_id, for_update=True)
         result = public(store.acknowledge(session, run_id, command_id, ack, actor=who.actor))
     if state.live is not None:
         state.live.notify(run_id)

@@ -164,9 +164,11 @@ def expire_proposals(session: Session, run: Run, *, actor: str, note: str) -> li
     return stale
 
 
-def due_for_auto_approval(session: Session, now: dt.datetime) -> list[tuple[Decision, Run]]:
+def due_for_auto_approval(
+    session: Session, now: dt.datetime, *, run_id: int | None = None
+) -> list[tuple[Decision, Run]]:
     """Proposals of running approve-mode runs older than their run's ``auto_approve_after_s``."""
-    rows = session.execute(
+    query = (
         select(Decision, Run)
         .join(Run, Run.id == Decision.run_id)
         .where(
@@ -176,7 +178,10 @@ def due_for_auto_approval(session: Session, now: dt.datetime) -> list[tuple[Deci
             Run.status == "running",
         )
         .order_by(Decision.id)
-    ).all()
+    )
+    if run_id is not None:
+        query = query.where(Run.id == run_id)
+    rows = session.execute(query).all()
     out: list[tuple[Decision, Run]] = []
     for decision, run in rows:
         assert run.auto_approve_after_s is not None

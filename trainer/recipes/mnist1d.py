@@ -317,11 +317,28 @@ def _sasa_delta(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor
 # --- the recipe for ``stagewatch train`` -----------------------------------------------------------------------
 
 
-def make_task(data: Mnist1dData, *, batch_size: int, seed: int, channels: int = 32) -> Task:
+def with_label_noise(data: Mnist1dData, fraction: float, seed: int) -> Mnist1dData:
+    """A copy whose training labels are, for a ``fraction`` of the samples chosen at random, replaced by a
+    random class (which may be the true one); the test set is untouched. Harder settings nobody tuned on."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise must be in [0, 1], got {fraction}")
+    if fraction == 0.0:
+        return data
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    n = data.num_train
+    chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
+    labels = data.y_train.clone()
+    labels[chosen] = torch.randint(0, NUM_CLASSES, (len(chosen),), generator=generator)
+    return Mnist1dData(x_train=data.x_train, y_train=labels, x_test=data.x_test, y_test=data.y_test)
+
+
+def make_task(data: Mnist1dData, *, batch_size: int, seed: int, channels: int = 32, label_noise: float = 0.0) -> Task:
     """The :class:`trainer.loop.Task` of ``stagewatch train --recipe mnist1d-cnn``: a fresh :class:`ConvNet`
-    (initialised from ``seed``) and minibatches drawn from a generator seeded with ``seed``;
-    ``batch_size=0`` is full batch (one update per epoch, no SGD noise)."""
+    with ``channels`` channels (initialised from ``seed``) and minibatches drawn from a generator seeded with
+    ``seed``; ``batch_size=0`` is full batch (one update per epoch, no SGD noise); ``label_noise`` as in
+    :func:`with_label_noise`."""
     torch.set_num_threads(1)
+    data = with_label_noise(data, label_noise, seed)
     torch.manual_seed(seed)
     model = ConvNet(channels)
     n = data.num_train
@@ -339,5 +356,10 @@ def make_task(data: Mnist1dData, *, batch_size: int, seed: int, channels: int = 
         batches=batches,
         steps_per_epoch=math.ceil(n / size),
         evaluate=lambda m: evaluate(m, data.x_test, data.y_test),
-        description={"num_train": n, "num_test": int(data.y_test.shape[0]), "channels": channels},
+        description={
+            "num_train": n,
+            "num_test": int(data.y_test.shape[0]),
+            "channels": channels,
+            "label_noise": label_noise,
+        },
     )
