@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # `make vision-venv`: a second environment for the resnet18 recipe. torchvision wheels are built against one exact
 # torch release, so the pair is pinned and installed first (the CPU-only torch of .venv has no torchvision beside it);
-# `-e '.[vision]'` then keeps that torch. About 5.5 GB.
+# `-e '.[vision]'` then keeps that torch. About 6 GB.
 VISION_VENV ?= .venv-vision
 VISION_BIN := $(VISION_VENV)/bin
 VISION_STAMP := $(VISION_VENV)/.stagewatch-installed
