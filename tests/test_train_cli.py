@@ -183,3 +183,86 @@ def test_train_help_needs_no_server(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--batch-size" in result.stdout
+
+
+# Small stages: AutoDecay judges a stage over 5 epoch points (the defaults need tens of epochs).
+QUICK_DETECTOR = ("min_stage=5", "confirm=1", "min_window_blocks=3", "max_decays=1")
+
+
+def detector_args(*params: str) -> list[str]:
+    return [arg for param in params for arg in ("--detector-param", param)]
+
+
+def test_train_autodecay_auto_mode_applies_the_servers_decay(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    result = train(
+        tmp_path, "--recipe", "mnist1d-cnn", "--schedule", "autodecay", "--epochs", "12", "--num-samples", "1000",
+        "--batch-size", "25", *detector_args(*QUICK_DETECTOR), "--server", server.url,
+    )  # fmt: skip
+    run_id = run_id_of(result)
+    run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert (run["mode"], run["detector"]["name"], run["config"]["schedule"]) == ("auto", "autodecay", "autodecay")
+    assert run["detector"]["params"] == {"preset": "epoch", "min_stage": 5, "confirm": 1, "min_window_blocks": 3,
+                                         "max_decays": 1}  # fmt: skip
+    decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
+    assert decisions, "the detector never decided"
+    first = decisions[0]
+    assert (first["action"], first["status"], first["source"]) == ("decay", "applied", "detector:autodecay")
+    # The worker applied it at a step boundary after the epoch point that completed the evidence, and every
+    # update from the next one on used the new LR.
+    assert first["applied_step"] > first["step"]
+    lrs = {p["step"]: p["value"] for p in series(client, run_id, "lr")}
+    assert lrs[first["applied_step"]] == pytest.approx(0.1)
+    assert lrs[first["applied_step"] + 1] == pytest.approx(0.01) == first["applied_lr"]
+    stages = client.get(f"/api/v1/runs/{run_id}/stages").json()
+    assert [(s["lr"], s["start_step"]) for s in stages[:2]] == [
+        (pytest.approx(0.1), 1),
+        (pytest.approx(0.01), first["applied_step"] + 1),
+    ]
+
+
+def test_train_plateau_and_observe_mode(server: LiveServer, client: httpx.Client, tmp_path: Path) -> None:
+    result = train(
+        tmp_path, "--recipe", "mnist1d-cnn", "--schedule", "plateau", "--epochs", "12", "--num-samples", "1000",
+        "--batch-size", "25", *detector_args(*QUICK_DETECTOR), "--server", server.url,
+    )  # fmt: skip
+    run_id = run_id_of(result)
+    run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert (run["mode"], run["config"]["schedule"]) == ("observe", "plateau")
+    # In observe mode the detector's decisions are only recorded: the LR is the plateau schedule's alone,
+    # which cannot decay within 12 epochs (patience 10 after the best epoch).
+    decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
+    assert decisions and {d["status"] for d in decisions} == {"observed"}
+    assert {p["value"] for p in series(client, run_id, "lr")} == {0.1}
+
+
+def test_train_refused_detector_parameter_exits_2(server: LiveServer, client: httpx.Client, tmp_path: Path) -> None:
+    result = train(tmp_path, "--recipe", "mnist1d-cnn", "--detector-param", "rho=7", "--server", server.url)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "rho" in result.stderr and "Traceback" not in result.stderr
+    assert client.get("/api/v1/runs").json()["data"] == []
+
+
+def test_train_width_and_label_noise(server: LiveServer, client: httpx.Client, tmp_path: Path) -> None:
+    result = train(
+        tmp_path, "--recipe", "mnist1d-cnn", "--epochs", "1", "--num-samples", "200", "--width", "8",
+        "--label-noise", "0.25", "--server", server.url,
+    )  # fmt: skip
+    config = client.get(f"/api/v1/runs/{run_id_of(result)}").json()["config"]
+    assert (config["channels"], config["label_noise"]) == (8, 0.25)
+
+
+def test_label_noise_changes_only_training_labels() -> None:
+    from trainer.recipes.mnist1d import NUM_CLASSES, load_data, with_label_noise
+
+    data = load_data(num_samples=1000)
+    noisy = with_label_noise(data, 0.5, seed=3)
+    changed = (noisy.y_train != data.y_train).float().mean().item()
+    # Half the labels are redrawn uniformly; a redrawn label keeps its class with probability 1/10.
+    assert changed == pytest.approx(0.5 * (1 - 1 / NUM_CLASSES), abs=0.05)
+    assert noisy.y_test is data.y_test and noisy.x_train is data.x_train
+    assert bool((with_label_noise(data, 0.5, seed=3).y_train == noisy.y_train).all()), "not deterministic"
+    assert with_label_noise(data, 0.0, seed=3) is data
+    with pytest.raises(ValueError, match="label noise must be in"):
+        with_label_noise(data, 1.5, seed=3)

