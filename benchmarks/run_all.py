@@ -1,9 +1,11 @@
-"""Runs the ingest, query and export benchmarks one after the other, each against its own fresh databases.
+"""Runs the ingest, query, export and training-overhead benchmarks one after the other, each on fresh databases.
 
     .venv/bin/python -m benchmarks.run_all [--engines sqlite,postgres] [--quick]
 
 ``--quick`` shrinks every size (a smoke test, not a measurement); the size options override it. Each benchmark
-writes benchmarks/results/<name>.json; this script adds results/run_all.json with the targets of all three.
+writes benchmarks/results/<name>.json; this script adds results/run_all.json with the targets of all of them.
+``train_overhead`` (MNIST-1D training with and without logging, SQLite only) needs torch and mnist1d, and so does
+``time_to_accuracy`` (real ``stagewatch train`` workers, 4 schedules x 3 seeds x 60 epochs: about 6 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks import bench_export, bench_ingest, bench_query, harness
+from benchmarks import (
+    bench_export,
+    bench_ingest,
+    bench_latency,
+    bench_query,
+    bench_time_to_accuracy,
+    bench_train_overhead,
+    harness,
+)
 
 QUICK = {"batches": 5, "points": 100_000, "requests": 5, "repeats": 1}
 FULL = {"batches": 30, "points": 1_000_000, "requests": 20, "repeats": 3}
-BENCHMARKS = ("ingest", "query", "export")
+BENCHMARKS = ("ingest", "query", "export", "train_overhead", "time_to_accuracy", "latency")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         type=lambda text: [b for b in text.split(",") if b],
         default=list(BENCHMARKS),
-        help="comma-separated subset of ingest,query,export",
+        help="comma-separated subset of " + ",".join(BENCHMARKS),
     )
     parser.add_argument("--batches", type=harness.positive_int, help="ingest: timed batches (default 30, quick 5)")
     parser.add_argument("--batch-size", type=harness.positive_int, default=10_000, help="ingest: points per batch")
@@ -71,6 +81,9 @@ def plans(args: argparse.Namespace) -> list[tuple[str, Callable[[Sequence[str] |
         ),
         "query": (bench_query.main, [*common, *series, "--requests", str(_size(args, "requests"))]),
         "export": (bench_export.main, [*common, *series, "--repeats", str(_size(args, "repeats"))]),
+        "train_overhead": (bench_train_overhead.main, ["--quick"] if args.quick else []),
+        "time_to_accuracy": (bench_time_to_accuracy.main, ["--quick"] if args.quick else []),
+        "latency": (bench_latency.main, [*common, *(["--quick"] if args.quick else [])]),
     }
     unknown = set(args.only) - set(every)
     if unknown:

@@ -31,6 +31,7 @@ RECIPES = ("mnist1d-cnn", "resnet18")
 SCHEDULES = ("constant", "step", "plateau", "autodecay")
 MODES = ("auto", "approve", "observe")
 DEFAULT_SERVER = "http://127.0.0.1:8765"
+DETECTOR_METRIC = "epoch/train_loss"
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="approve mode: a proposal nobody decided on within this many seconds is approved",
     )
     parser.add_argument(
+        "--detector-metric",
+        default=DETECTOR_METRIC,
+        metavar="KEY",
+        help=f"the metric the server's AutoDecay watches (default {DETECTOR_METRIC}; for test/accuracy add "
+        "--detector-param mode=max)",
+    )
+    parser.add_argument(
         "--detector-param",
         action="append",
         default=[],
@@ -160,11 +168,12 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def detector_config(params: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
-    """The server-side detector of runs started here: AutoDecay (per-epoch preset) on the epoch train loss,
-    with ``params`` on top. With another schedule it still runs, in observe mode by default, so its decisions
-    are drawn for comparison."""
-    return {"name": "autodecay", "metric": "epoch/train_loss", "params": {"preset": "epoch", **dict(params)}}
+def detector_config(metric: str = "", params: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """The server-side detector of runs started here: AutoDecay (per-epoch preset) on ``metric`` (default
+    :data:`DETECTOR_METRIC`), with ``params`` on top. With another schedule it still runs, in observe mode
+    by default, so its decisions are drawn for comparison."""
+    params_: dict[str, Any] = {"preset": "epoch", **dict(params)}
+    return {"name": "autodecay", "metric": metric or DETECTOR_METRIC, "params": params_}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,7 +254,7 @@ def _train(args: argparse.Namespace) -> int:
         config=run_config,
         token=args.token,
         tags=[args.recipe, args.schedule],
-        detector=detector_config(args.detector_param),
+        detector=detector_config(args.detector_metric, args.detector_param),
         mode=args.mode,
         auto_approve_after_s=args.auto_approve_after,
     ) as run:
