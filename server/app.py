@@ -63,6 +63,8 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     routers = (health, runs, metrics, history, decisions, commands, stream)
     for router in (module.router for module in routers):
         app.include_router(router)
+    # Before the /ui mount, which would answer this path first: plotly.js of the installed package, no CDN.
+    app.add_api_route("/ui/vendor/plotly.min.js", web.plotly_js, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/ui", StaticFiles(directory=Path(web.__file__).parent, html=True), name="ui")
 
     @app.get("/", include_in_schema=False)

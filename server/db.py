@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,11 +64,16 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session], *, write: bool = False, snapshot: bool = False) -> Iterator[Session]:
+def transaction(
+    factory: sessionmaker[Session], *, write: bool = False, snapshot: bool = False, durable: bool = True
+) -> Iterator[Session]:
     """One unit of work: commits on success, rolls back on any error. Store code never commits.
 
     ``write`` takes SQLite's write lock up front; ``snapshot`` makes every statement see the same data
-    (Postgres REPEATABLE READ; a SQLite read transaction in WAL mode is a snapshot already).
+    (Postgres REPEATABLE READ; a SQLite read transaction in WAL mode is a snapshot already). ``durable=False``
+    lets Postgres acknowledge the commit before it reaches the disk (``synchronous_commit = off``): only for
+    work that is redone identically if a crash loses it (a detection pass, a delivery mark). SQLite already
+    commits without waiting for the disk under WAL with ``synchronous=NORMAL``.
     """
     with factory() as session, session.begin():
         # Must be the first use of the session: the options apply when the connection is procured.
@@ -76,4 +81,6 @@ def transaction(factory: sessionmaker[Session], *, write: bool = False, snapshot
             session.connection(execution_options={WRITE_OPTION: True})
         elif snapshot and session.get_bind().dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        if not durable and session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SET LOCAL synchronous_commit = off"))
         yield session

@@ -436,3 +436,26 @@ def test_only_operators_change_detection(secured_server: tuple[LiveServer, dict[
     assert httpx.patch(url, json={"status": "finished"}, headers=worker).status_code == 200
     assert httpx.patch(url, json={"mode": "auto"}, headers=operator).json()["mode"] == "auto"
     assert httpx.post(f"{url}/hold", json={"steps": 5}, headers=worker).status_code == 403
+
+
+def test_stages_without_an_lr_until_one_is_logged(server: LiveServer, client: httpx.Client):
+    run_id = client.post("/api/v1/runs", json={"detector": DETECTOR, "mode": "observe"}).json()["id"]
+    live = server.app.state.stagewatch.live
+
+    def post(key: str, steps: range, value: float) -> None:
+        body = {"points": [{"key": key, "step": s, "value": value, "epoch": float(s)} for s in steps]}
+        assert client.post(f"/api/v1/runs/{run_id}/metrics", json=body).status_code == 200
+        assert live.wait_idle(timeout=10)
+
+    post("epoch/train_loss", range(1, 4), 0.5)
+    (stage,) = client.get(f"/api/v1/runs/{run_id}/stages").json()
+    assert (stage["start_step"], stage["lr"], stage["summary"]["count"]) == (1, None, 3)
+    post("lr", range(1, 5), 0.1)  # the LR becomes known: the open stage takes it, no new stage
+    post("lr", range(5, 7), 0.05)
+    post("epoch/train_loss", range(4, 7), 0.4)
+    stages = client.get(f"/api/v1/runs/{run_id}/stages").json()
+    assert [(s["index"], s["start_step"], s["end_step"], s["lr"]) for s in stages] == [
+        (0, 1, 4, 0.1),
+        (1, 5, None, 0.05),
+    ]
+    assert [s["summary"]["count"] for s in stages] == [4, 2]

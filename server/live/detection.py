@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from server.detectors import Decision as DetectorDecision
@@ -48,7 +48,11 @@ class PassResult:
 
 
 def _series_id(session: Session, run_id: int, key: str) -> int | None:
-    return session.scalar(select(Series.id).where(Series.run_id == run_id, Series.key == key))
+    """The id of a run's series, looked up once per pass (``session.info`` lives as long as the pass)."""
+    cache: dict[tuple[int, str], int | None] = session.info.setdefault("stagewatch_series_ids", {})
+    if (run_id, key) not in cache:
+        cache[run_id, key] = session.scalar(select(Series.id).where(Series.run_id == run_id, Series.key == key))
+    return cache[run_id, key]
 
 
 def _points_after(
@@ -84,21 +88,28 @@ def _stage_event(session: Session, stage: Stage) -> None:
 
 
 class _Stages:
-    """The run's stages, kept in memory for one pass."""
+    """The stages a pass can touch, kept in memory for one pass: the open one and any that end after
+    ``from_step`` (earlier stages are final and never read)."""
 
-    def __init__(self, session: Session, run_id: int) -> None:
+    def __init__(self, session: Session, run_id: int, from_step: int | None) -> None:
         self.session = session
         self.run_id = run_id
-        self.rows = list(session.scalars(select(Stage).where(Stage.run_id == run_id).order_by(Stage.index)))
-        self.touched: set[int] = set()  # indexes whose row changed in this pass
+        query = select(Stage).where(Stage.run_id == run_id)
+        if from_step is not None:
+            query = query.where(or_(Stage.end_step.is_(None), Stage.end_step >= from_step))
+        self.rows = list(session.scalars(query.order_by(Stage.index)))
+        if not self.rows and from_step is not None:  # all closed before from_step: continue the numbering
+            last = session.scalar(select(Stage).where(Stage.run_id == run_id).order_by(Stage.index.desc()).limit(1))
+            self.rows = [last] if last is not None else []
+        self.touched: dict[int, Stage] = {}  # by index: the rows this pass changed
 
     def open(self, start_step: int, lr: float | None, source: str) -> Stage:
         if self.rows and self.rows[-1].end_step is None:
             self.rows[-1].end_step = start_step - 1
-            self.touched.add(self.rows[-1].index)
+            self.touched[self.rows[-1].index] = self.rows[-1]
         stage = Stage(
             run_id=self.run_id,
-            index=len(self.rows),
+            index=self.rows[-1].index + 1 if self.rows else 0,
             start_step=start_step,
             end_step=None,
             lr=lr,
@@ -108,7 +119,7 @@ class _Stages:
         )
         self.session.add(stage)
         self.rows.append(stage)
-        self.touched.add(stage.index)
+        self.touched[stage.index] = stage
         return stage
 
     def at(self, step: int) -> Stage | None:
@@ -131,12 +142,12 @@ class _Stages:
         summary["count"] += 1
         summary.update(last=value, last_step=step, min=min(summary["min"], value), max=max(summary["max"], value))
         stage.summary = summary
-        self.touched.add(stage.index)
+        self.touched[stage.index] = stage
 
     def publish(self) -> bool:
         self.session.flush()
         for index in sorted(self.touched):
-            _stage_event(self.session, self.rows[index])
+            _stage_event(self.session, self.touched[index])
         return bool(self.touched)
 
 
@@ -153,7 +164,7 @@ def _follow_lr(session: Session, run: Run, row: DetectorState, stages: _Stages) 
                 stages.open(step, value, "start")
             elif stages.rows[-1].lr is None:
                 stages.rows[-1].lr = value
-                stages.touched.add(stages.rows[-1].index)
+                stages.touched[stages.rows[-1].index] = stages.rows[-1]
             elif value != row.lr:
                 stages.open(step, value, "lr_change")
             row.lr = value
@@ -237,6 +248,23 @@ def _fresh_row(run: Run, config: dict[str, Any]) -> DetectorState:
 
 def process_run(session: Session, run_id: int) -> PassResult:
     """One pass over ``run_id``; call inside a write transaction."""
+    # Reads must not flush the half-updated state row each time (a dozen UPDATEs per pass): flush explicitly.
+    with session.no_autoflush:
+        return _process_run(session, run_id)
+
+
+def _first_touchable(row: DetectorState, config: dict[str, Any]) -> int | None:
+    """The first step whose stage this pass may change (None: any)."""
+    if row.lr_step is None:
+        return None
+    if not config:
+        return row.lr_step  # stages only follow the LR
+    if row.config != config or row.last_step is None:
+        return None  # a rebuild: the detector's position moves
+    return min(row.lr_step, row.last_step)
+
+
+def _process_run(session: Session, run_id: int) -> PassResult:
     # The run row first, as every writer of a run does (lock order: no deadlock with an ingest on Postgres).
     run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())
     if run is None:
@@ -246,7 +274,7 @@ def process_run(session: Session, run_id: int) -> PassResult:
     if row is None:
         row = _fresh_row(run, config)
         session.add(row)
-    stages = _Stages(session, run.id)
+    stages = _Stages(session, run.id, _first_touchable(row, config))
     _follow_lr(session, run, row, stages)
     result = PassResult()
     if not config:
