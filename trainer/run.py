@@ -168,6 +168,7 @@ class Run:
         self._buffer: collections.deque[_Entry] = collections.deque()  # drained, not yet acknowledged
         self._buffer_points = 0
         self._sending = False
+        self._flushing = 0  # flush() calls waiting (guarded by the lock)
         self._needs_running = False  # a resumed run whose PATCH status=running has not gone through
         self._outage: str | None = None
         self._failures = 0
@@ -345,7 +346,9 @@ class Run:
             if type(value) not in _FAST_TYPES or type(key) is not str:
                 copied = _checked_values(copied)
                 break
-        if epoch is not None and (not isinstance(epoch, numbers.Real) or not epoch >= 0 or epoch == math.inf):
+        # A plain float or int in range passes at once; the slower checks only run for the rest (numpy scalars).
+        fast_epoch = epoch is None or (type(epoch) in _FAST_TYPES and 0 <= epoch < math.inf)
+        if not fast_epoch and (not isinstance(epoch, numbers.Real) or not epoch >= 0 or epoch == math.inf):
             raise TypeError(f"epoch must be a finite number >= 0, got {epoch!r}")
         queue = self._queue
         queue.append((copied, step, epoch, time.time()))
@@ -392,15 +395,19 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._progress:
             self._next_attempt = 0.0  # try now, whatever the backoff says
-            self._wake.set()
-            while not self._all_acknowledged():
-                if not self._thread.is_alive():
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._progress.wait(0.05 if remaining is None else min(remaining, 0.05))
-            return True
+            self._flushing += 1  # the sender sends everything back to back meanwhile
+            try:
+                while not self._all_acknowledged():
+                    self._wake.set()
+                    if not self._thread.is_alive():
+                        return False
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._progress.wait(0.05 if remaining is None else min(remaining, 0.05))
+                return True
+            finally:
+                self._flushing -= 1
 
     def _all_acknowledged(self) -> bool:
         return (
@@ -510,11 +517,18 @@ class Run:
                     self.spool.ack(end)
             with self._lock:
                 self.spool.truncate_if_done()
+            # What is queued now goes out; points logged while it is on the wire wait for the next cycle, unless
+            # a whole batch of them is already waiting or the run is flushing/closing. Otherwise a fast loop
+            # keeps the sender posting tiny batches back to back, and each POST costs the training thread GIL
+            # time.
+            first = True
             while True:
                 with self._lock:
                     self._drain()
-                    batch = self._take_batch()
+                    eager = first or self._stop.is_set() or self._flushing > 0
+                    batch = self._take_batch() if eager or self._buffer_points >= self._batch_points else []
                     self._sending = bool(batch)
+                first = False
                 if not batch:
                     break
                 try:
@@ -685,7 +699,7 @@ def start_run(
     spool_dir: str | Path | None = None,
     timeout: float = 10.0,
     batch_points: int = 5000,
-    batch_interval_s: float = 0.2,
+    batch_interval_s: float = 1.0,
     heartbeat_s: float = 30.0,
     max_memory_points: int = 200_000,
     max_queue: int = 200_000,
