@@ -203,8 +203,8 @@ def test_train_autodecay_auto_mode_applies_the_servers_decay(
     run_id = run_id_of(result)
     run = client.get(f"/api/v1/runs/{run_id}").json()
     assert (run["mode"], run["detector"]["name"], run["config"]["schedule"]) == ("auto", "autodecay", "autodecay")
-    assert run["detector"]["params"] == {"preset": "epoch", "min_stage": 5, "confirm": 1, "min_window_blocks": 3,
-                                         "max_decays": 1}  # fmt: skip
+    params = {"preset": "epoch", "z": 0.5, "mode": "max", "min_stage": 5, "confirm": 1, "min_window_blocks": 3}
+    assert (run["detector"]["metric"], run["detector"]["params"]) == ("test/accuracy", {**params, "max_decays": 1})
     decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
     assert decisions, "the detector never decided"
     first = decisions[0]
