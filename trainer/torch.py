@@ -1,6 +1,6 @@
 """Apply Stagewatch commands to a PyTorch optimizer and LR scheduler, once, at a step boundary, on every rank.
 
-The only module of :mod:`trainer` that imports ``torch``.
+The client itself (:mod:`trainer.run`) never imports ``torch``; this module and the integrations do.
 
 ```python
 applier = CommandApplier(run, optimizer, scheduler)  # run=None on ranks other than 0
