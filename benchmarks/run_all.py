@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks import (
+    bench_dashboard,
     bench_export,
     bench_ingest,
     bench_latency,
@@ -29,7 +30,7 @@ from benchmarks import (
 
 QUICK = {"batches": 5, "points": 100_000, "requests": 5, "repeats": 1}
 FULL = {"batches": 30, "points": 1_000_000, "requests": 20, "repeats": 3}
-BENCHMARKS = ("ingest", "query", "export", "train_overhead", "time_to_accuracy", "latency")
+BENCHMARKS = ("ingest", "query", "export", "train_overhead", "time_to_accuracy", "latency", "dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +85,7 @@ def plans(args: argparse.Namespace) -> list[tuple[str, Callable[[Sequence[str] |
         "train_overhead": (bench_train_overhead.main, ["--quick"] if args.quick else []),
         "time_to_accuracy": (bench_time_to_accuracy.main, ["--quick"] if args.quick else []),
         "latency": (bench_latency.main, [*common, *(["--quick"] if args.quick else [])]),
+        "dashboard": (bench_dashboard.main, ["--quick"] if args.quick else []),  # SQLite, Chromium
     }
     unknown = set(args.only) - set(every)
     if unknown:

@@ -1,0 +1,565 @@
+// The run page: live charts with stages and decisions, the decision panel (a waiting proposal with its evidence
+// and the operator's actions), the run's controls, stages and decisions as tables, and the audit log.
+
+import { api, download, explain, subscribe } from "./api.js";
+import { ChartView, DECISION_KINDS, decisionKind, describeAction } from "./charts.js";
+import { fetchSeries, RunData } from "./rundata.js";
+import { lastStep, StepMap } from "./series.js";
+import { mountToolbar, readViewState, writeViewState } from "./toolbar.js";
+import {
+  ago, announce, fmtEpoch, fmtInt, fmtLr, fmtPercent, fmtValue, h, loadPlotly, renderHeader, seconds, throttled,
+  timeElement,
+} from "./ui.js";
+
+const $ = (id) => document.getElementById(id);
+const runId = Number(new URLSearchParams(location.search).get("id"));
+
+// What the tests and the benchmark read: when the first chart was drawn, and which step of each key is on screen.
+const hook = { runId, firstChart: null, drawnAt: null, lastDrawn: {}, errors: [] };
+window.__stagewatch = hook;
+
+const setLive = renderHeader("run");
+const state = readViewState();
+let view;
+const data = new RunData(runId, { onChange: (what) => changed(what), needsTime: () => state.xmode === "time" });
+let loaded = false;
+const early = []; // live events that arrived before the page had its data: applied right after
+
+// --- live events, subscribed before anything is loaded (the stream's hello marks where the load starts) -------------
+
+// The data is fetched at once, not after the stream's hello: waiting would put a round trip (and, on a cold load,
+// plotly.js's evaluation, which delays the event) on the way to the first chart. If the hello came after the fetch
+// started, events committed in between could be in neither: a catch-up after the first draw fetches them.
+let helloAt = null;
+let fetchAt = null;
+const whenLoaded = (fn) => (payload) => (loaded ? fn(payload) : early.push(() => fn(payload)));
+subscribe(`/runs/${runId}/stream`, {
+  hello: () => {
+    if (helloAt !== null) return;
+    helloAt = performance.now();
+    if (loaded) catchUp();
+  },
+  points: whenLoaded((payload) => data.applyPoints(payload)),
+  decision: whenLoaded((decision) => data.applyDecision(decision)),
+  stage: whenLoaded((stage) => data.applyStage(stage)),
+  run: whenLoaded((event) => (event.change === "rewind" ? data.reloadAll() : data.reloadRun())),
+}, setLive);
+
+
+// --- reacting to changes -------------------------------------------------------------------------------------------
+
+const refreshFacts = throttled(renderFacts, 250);
+const refreshAudit = throttled(loadAudit, 400);
+let refreshToolbar = () => {};
+
+function changed(what) {
+  if (!loaded) return;
+  if (what === "points") {
+    view.update();
+    refreshFacts();
+    refreshToolbar();
+  } else if (what === "decisions") {
+    renderDecision();
+    renderDecisionsTable();
+    view.highlight = highlightOf();
+    view.update();
+    refreshAudit();
+    refreshFacts();
+  } else if (what === "stages") {
+    renderStages();
+    view.update();
+    refreshFacts();
+  } else if (what === "run") {
+    renderHead();
+    renderControls();
+    renderDecision();
+    refreshFacts();
+    refreshAudit();
+  }
+}
+
+// --- loading -------------------------------------------------------------------------------------------------------
+
+async function main() {
+  if (!Number.isInteger(runId) || runId < 1) {
+    fail("No run given: open this page as run.html?id=<run id>, or pick a run on the runs page.");
+    return;
+  }
+  fetchAt = performance.now();
+  const loading = data.load(); // mostly the responses to the requests run.html sent early
+  const plotlyReady = loadPlotly();
+  plotlyReady.catch(() => {}); // reported below, after the data
+  try {
+    await loading;
+    performance.mark("data-ready");
+  } catch (error) {
+    fail(error.status === 404 ? `There is no run ${runId}.` : `The run could not be loaded: ${explain(error)}`);
+    return;
+  }
+  try {
+    await plotlyReady;
+    performance.mark("plotly-ready");
+  } catch (error) {
+    fail(error.message);
+    return;
+  }
+  view = new ChartView($("chart"), {
+    state,
+    fetchDetail: (id, keys, min, max) => fetchSeries(id, keys, { min_step: min, max_step: max }),
+    onStateChange: () => {
+      writeViewState(state);
+      refreshToolbar();
+    },
+    onDrawn: drawn,
+  });
+  view.runs = [data];
+  view.highlight = highlightOf();
+  data.appendHooks.push((key, append) => view.appendToDetail(runId, key, append));
+  hook.view = view;
+  refreshToolbar = mountToolbar($("toolbar"), view, {
+    extra: [h("button", { type: "button", id: "export", onclick: exportCsv }, "Export CSV")],
+  });
+  refreshToolbar();
+  if (state.range) view.setRange(state.range); // a zoom kept in the URL: fetch its full resolution
+  await view.draw();
+  performance.mark("first-chart");
+  hook.firstChart = performance.now();
+  loaded = true;
+  for (const apply of early.splice(0)) apply();
+  if (helloAt !== null) catchUp();
+  renderHead();
+  renderFacts();
+  renderDecision();
+  renderDecisionsTable();
+  renderStages();
+  renderLegend();
+  wireControls();
+  loadAudit();
+  setInterval(renderFacts, 5000); // "12 s ago" keeps moving
+}
+
+// Fetches what may have been committed between the initial load and the start of the stream (see above).
+async function catchUp() {
+  if (helloAt <= fetchAt) return;
+  const [stages, decisions] = await Promise.all([
+    api(`/runs/${runId}/stages`), api(`/runs/${runId}/decisions`), data.fetchTails(),
+  ]);
+  for (const stage of stages) data.applyStage(stage);
+  for (const decision of decisions) data.applyDecision(decision);
+}
+
+function fail(message) {
+  const box = $("load-error");
+  box.textContent = message;
+  box.classList.remove("hidden");
+  hook.errors.push(message);
+}
+
+function drawn(chart) {
+  // The DOM holds the new figure now; the next frame paints it.
+  const steps = chart.drawnSteps.get(runId) || {};
+  requestAnimationFrame(() => {
+    hook.drawnAt = Date.now();
+    hook.lastDrawn = steps;
+  });
+  renderNote();
+}
+
+// --- header and facts ------------------------------------------------------------------------------------------------
+
+function renderHead() {
+  const run = data.run;
+  $("run-name").textContent = run.name;
+  const status = $("run-status");
+  status.textContent = run.status;
+  status.className = `status ${run.status}`;
+  const detector = run.detector ? `${run.detector.name} on ${run.detector.metric}` : "no detector";
+  const tags = run.tags.length ? ` · tags ${run.tags.join(", ")}` : "";
+  $("run-meta").textContent = `#${run.id} · ${run.project} · mode ${run.mode} · ${detector}${tags}`;
+  const pending = data.pending.length;
+  document.title = `${pending ? `(${pending}) ` : ""}${run.name} · Stagewatch`;
+}
+
+function latestOf(predicate) {
+  let best = null;
+  for (const [key, latest] of Object.entries(data.run.latest)) {
+    if (predicate(key) && (!best || latest.count > best.count)) best = { key, ...latest };
+  }
+  return best;
+}
+
+function renderFacts() {
+  if (!data.run) return;
+  const latest = Object.values(data.run.latest);
+  const step = Math.max(-1, ...latest.map((l) => l.step ?? -1));
+  const epochs = latest.map((l) => Number(l.epoch)).filter(Number.isFinite);
+  const lrKey = data.run.detector?.lr_key || "lr";
+  const lr = data.run.latest[lrKey];
+  const stage = data.stages.at(-1);
+  const trainLoss = latestOf((k) => /loss/i.test(k) && !/(test|val|eval)/i.test(k));
+  const testLoss = latestOf((k) => /loss/i.test(k) && /(test|val|eval)/i.test(k));
+  const testAcc = latestOf((k) => /acc/i.test(k) && /(test|val|eval)/i.test(k));
+  const last = Math.max(...latest.map((l) => l.time ?? 0));
+  const facts = [
+    ["Step", step >= 0 ? fmtInt(step) : "–"],
+    epochs.length ? ["Epoch", fmtEpoch(Math.max(...epochs))] : null,
+    ["LR", lr ? fmtLr(lr.value) : "–"],
+    ["Stage", stage ? `S${stage.index}` : "–"],
+    trainLoss ? [trainLoss.key, fmtValue(trainLoss.value)] : null,
+    testLoss ? [testLoss.key, fmtValue(testLoss.value)] : null,
+    testAcc ? [testAcc.key, fmtPercent(testAcc.value)] : null,
+    ["Last point", last ? ago(last) : "–"],
+  ].filter(Boolean);
+  $("facts").replaceChildren(...facts.map(([label, value]) => h("div", {}, h("dt", {}, label), h("dd", {}, value))));
+}
+
+function renderNote() {
+  const parts = [];
+  for (const [key, s] of data.series) {
+    if (s.downsampled) parts.push(`${key}: ${fmtInt(s.total)} points, ${fmtInt(s.steps.length)} drawn`);
+  }
+  let text = parts.length
+    ? `Long series are downsampled (each bucket keeps its min and max, spikes and NaN stay): ${parts.join("; ")}. `
+      + "Zoom in (drag across a chart, or the step fields) for full resolution."
+    : "Every point is drawn.";
+  if (view.detail) text = `Steps ${fmtInt(view.detail.min)}–${fmtInt(view.detail.max)} at full resolution where it fits. ${text}`;
+  $("chart-note").textContent = text;
+}
+
+function renderLegend() {
+  $("decision-legend").replaceChildren(
+    h("li", { class: "muted" }, "Markers:"),
+    ...Object.values(DECISION_KINDS).map((k) =>
+      h("li", {}, h("span", { style: `color:${k.color}`, "aria-hidden": "true" }, k.glyph), ` ${k.label}`)),
+    h("li", { class: "muted" }, "· shaded bands: stages · amber band: evidence window of the proposal"),
+  );
+}
+
+// --- the decision panel --------------------------------------------------------------------------------------------
+
+let shownProposal = null;
+let selectedDecision = null; // a decision whose window the user asked to see (decisions table)
+
+function highlightOf() {
+  const chosen = data.pending.at(-1) || data.decisions.find((d) => d.id === selectedDecision);
+  const window_ = chosen?.evidence?.window;
+  return window_ ? { window: window_, runId } : null;
+}
+
+function isLive() {
+  return data.run && (data.run.status === "running" || data.run.status === "stale");
+}
+
+function renderDecision() {
+  const section = $("decision");
+  const body = $("decision-body");
+  const pending = data.pending.at(-1);
+  const key = pending ? `${pending.id}:${pending.status}:${isLive()}` : `none:${data.decisions.length}:${isLive()}`;
+  // Never rebuild the form a person may be typing in: only when the proposal itself changes.
+  if (key === shownProposal) return;
+  shownProposal = key;
+  section.classList.toggle("proposal", Boolean(pending));
+  $("decision-h").textContent = pending ? "Proposal waiting for you" : "Decision";
+  if (!pending) {
+    const last = data.decisions.at(-1);
+    const mode = {
+      approve: "Proposals wait here for an operator.",
+      auto: "This run is in auto mode: decisions are applied at once.",
+      observe: "This run is in observe mode: decisions are only drawn.",
+    }[data.run.mode];
+    body.replaceChildren(...[
+      h("p", {}, "No proposal waiting."),
+      h("p", { class: "small muted" }, mode),
+      last ? h("p", { class: "small" }, `Last decision: #${last.id} ${describeAction(last)} — `,
+        h("span", { class: `dstatus ${last.status}` }, last.status)) : null,
+    ].filter(Boolean));
+    return;
+  }
+  announce(`Proposal waiting: ${describeAction(pending)}.`);
+  body.replaceChildren(...proposalView(pending).filter(Boolean));
+}
+
+function proposalView(d) {
+  const ev = d.evidence || {};
+  const currentLr = data.run.latest[data.run.detector?.lr_key || "lr"];
+  const below = Number(ev.value) < Number(ev.threshold);
+  const meterMax = Math.max(Number(ev.threshold) * 2, Number(ev.value) || 0) || 1;
+  const status = h("p", { id: "decision-status", role: "status", class: "small" });
+  const reason = () => $("decision-reason").value.trim();
+  const decide = (verb, body, done) => act(status, () => api(`/runs/${runId}/decisions/${d.id}/${verb}`,
+    { method: "POST", body }), (result) => {
+    data.applyDecision(result);
+    $("decision-reason").value = "";
+    announce(done);
+  });
+
+  const overrideFactor = h("input", { id: "override-factor", type: "number", step: "any", min: "0.000001",
+    max: "0.999999", placeholder: String(d.factor ?? 0.1) });
+  const overrideLr = h("input", { id: "override-lr", type: "number", step: "any", min: "0",
+    placeholder: d.lr ? String(d.lr) : "" });
+  const backoff = h("input", { id: "reject-backoff", type: "number", step: "any", min: "0", placeholder: "default",
+    style: "width: 7rem" });
+  const backoffUnit = h("select", { id: "reject-backoff-unit" }, h("option", { value: "epochs" }, "epochs"),
+    h("option", { value: "steps" }, "steps"));
+
+  return [
+    h("p", {}, h("strong", { id: "proposal-action" }, describeAction(d)),
+      currentLr ? ` (LR now ${fmtLr(currentLr.value)})` : "",
+      h("br"), h("span", { class: "small muted" },
+        `#${d.id} by ${d.source}${d.step !== null ? ` at step ${fmtInt(d.step)}` : ""}, `,
+        ago(seconds(d.created_at)))),
+    ev.explanation ? h("p", { class: "explanation", id: "proposal-explanation" }, ev.explanation) : null,
+    h("dl", { class: "evidence", "aria-label": "Evidence" },
+      ev.statistic !== undefined ? [h("dt", {}, "Statistic"), h("dd", {}, ev.statistic)] : null,
+      ev.value !== undefined ? [
+        h("dt", {}, "Value"),
+        h("dd", { id: "proposal-value" }, fmtValue(ev.value),
+          h("span", { class: "small muted" }, below ? " — below the threshold" : " — at or above the threshold")),
+        h("dt", {}, "Threshold"), h("dd", { id: "proposal-threshold" }, fmtValue(ev.threshold)),
+        h("dt", {}, h("label", { for: "stat-meter" }, "Value / threshold")),
+        h("dd", {}, h("meter", { id: "stat-meter", class: "stat-bar", min: "0", max: String(meterMax),
+          value: String(Math.max(0, Number(ev.value) || 0)), optimum: String(meterMax),
+          low: String(Number(ev.threshold)), title: `${fmtValue(ev.value)} against ${fmtValue(ev.threshold)}` }),
+          h("span", { class: "small muted" }, ratioText(Number(ev.value), Number(ev.threshold)))),
+      ] : null,
+      ev.window ? [h("dt", {}, "Window"), h("dd", {}, `steps ${fmtInt(ev.window[0])}–${fmtInt(ev.window[1])} `,
+        h("button", { type: "button", id: "show-window", onclick: () => zoomToWindow(ev.window) }, "Show on chart"))]
+        : null,
+      ev.metric ? [h("dt", {}, "Metric"), h("dd", {}, `${ev.metric}${ev.detector ? ` (${ev.detector})` : ""}`)] : null,
+    ),
+    isLive() ? null : h("p", { class: "notice" }, `The run is ${data.run.status}: nothing can be applied any more.`),
+    h("label", { for: "decision-reason", class: "small" }, "Reason (optional, kept in the audit log)"),
+    h("input", { id: "decision-reason", type: "text", maxlength: "2000", autocomplete: "off" }),
+    h("div", { class: "actions" },
+      h("button", { type: "button", class: "primary", id: "approve", disabled: !isLive(),
+        onclick: () => decide("approve", { reason: reason() }, `Decision ${d.id} approved.`) }, "Approve"),
+      h("button", { type: "button", class: "danger", id: "reject", disabled: !isLive(),
+        onclick: () => {
+          const body = { reason: reason() };
+          if (backoff.value) body.backoff = { [backoffUnit.value]: Number(backoff.value) };
+          decide("reject", body, `Decision ${d.id} rejected.`);
+        } }, "Reject"),
+    ),
+    h("div", { class: "subform" },
+      h("div", { class: "row" }, h("label", { for: "reject-backoff" }, "On reject, hold the detector for"), backoff,
+        h("label", { for: "reject-backoff-unit", class: "visually-hidden" }, "Unit of the hold"), backoffUnit)),
+    h("form", { class: "subform", id: "override-factor-form", "aria-label": "Override with another factor",
+      onsubmit: (event) => {
+        event.preventDefault();
+        decide("override", { factor: Number(overrideFactor.value), reason: reason() },
+          `Decision ${d.id} overridden: decay by ${overrideFactor.value}.`);
+      } },
+      h("div", { class: "row" }, h("label", { for: "override-factor" }, "New factor"), overrideFactor,
+        h("button", { type: "submit", disabled: !isLive() }, "Override with this factor"))),
+    h("form", { class: "subform", id: "override-lr-form", "aria-label": "Override with an explicit LR",
+      onsubmit: (event) => {
+        event.preventDefault();
+        decide("override", { lr: Number(overrideLr.value), reason: reason() },
+          `Decision ${d.id} overridden: LR ${overrideLr.value}.`);
+      } },
+      h("div", { class: "row" }, h("label", { for: "override-lr" }, "New LR"), overrideLr,
+        h("button", { type: "submit", disabled: !isLive() }, "Override with this LR"))),
+    status,
+  ];
+}
+
+// "92 % of it", "negative": how far the statistic is from the line the detector draws.
+function ratioText(value, threshold) {
+  if (!Number.isFinite(value) || !Number.isFinite(threshold) || threshold === 0) return "";
+  if (value < 0 && threshold > 0) return " the value is negative";
+  return ` ${Math.round((100 * value) / threshold)} % of it`;
+}
+
+function zoomToWindow([a, b]) {
+  const margin = Math.max(1, Math.round((b - a) * 0.6));
+  view.userY.clear();
+  view.setRange([Math.max(0, a - margin), b + margin]);
+  $("chart").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+// Runs an operator action: the status line says what happened (or why not), the live stream does the rest.
+async function act(status, call, onDone) {
+  status.textContent = "Sending…";
+  status.classList.remove("error");
+  status.removeAttribute("role");
+  status.setAttribute("role", "status");
+  try {
+    const result = await call();
+    status.textContent = "Done.";
+    onDone(result);
+  } catch (error) {
+    status.textContent = explain(error);
+    status.classList.add("error");
+    status.setAttribute("role", "alert");
+  }
+}
+
+// --- controls --------------------------------------------------------------------------------------------------------
+
+function wireControls() {
+  const status = $("controls-status");
+  const reason = () => $("action-reason").value.trim();
+  const command = (body, done) => act(status, () => api(`/runs/${runId}/commands`, { method: "POST", body }), () => {
+    $("action-reason").value = "";
+    announce(done);
+  });
+  $("decay-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const factor = Number($("decay-factor").value);
+    command({ action: "decay", factor, reason: reason() }, `Decay by ${factor} sent to the worker.`);
+  });
+  $("setlr-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const lr = Number($("set-lr").value);
+    command({ action: "set_lr", lr, reason: reason() }, `LR ${lr} sent to the worker.`);
+  });
+  $("hold-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const unit = $("hold-unit").value;
+    const amount = Number($("hold-amount").value);
+    const body = { [unit]: unit === "steps" ? Math.round(amount) : amount, reason: reason() };
+    act(status, () => api(`/runs/${runId}/hold`, { method: "POST", body }), () => {
+      $("action-reason").value = "";
+      announce(`Detector held for ${amount} ${unit}.`);
+    });
+  });
+  const dialog = $("stop-dialog");
+  $("stop").addEventListener("click", () => dialog.showModal());
+  dialog.addEventListener("close", () => {
+    if (dialog.returnValue === "stop") command({ action: "stop", reason: reason() }, "Stop sent to the worker.");
+    $("stop").focus();
+  });
+  renderControls();
+}
+
+function renderControls() {
+  const live = isLive();
+  for (const element of $("controls").querySelectorAll("button, input, select")) element.disabled = !live;
+  $("controls-note").textContent = live
+    ? "Commands reach the worker at its next step boundary; a waiting proposal is superseded."
+    : `The run is ${data.run.status}: nothing can be applied any more.`;
+}
+
+// --- stages and decisions tables --------------------------------------------------------------------------------------
+
+function renderStages() {
+  const epochs = new StepMap("epoch", [...data.series.values()]);
+  const end = Math.max(-1, ...[...data.series.values()].map(lastStep));
+  const rows = data.stages.map((s) => {
+    const last = s.end_step ?? end;
+    const e0 = epochs.usable ? epochs.value(s.start_step) : null;
+    const e1 = epochs.usable ? epochs.value(last) : null;
+    const sum = s.summary || {};
+    return h("tr", {},
+      h("th", { scope: "row" }, `S${s.index}`),
+      h("td", { class: "num" }, `${fmtInt(s.start_step)}–${s.end_step === null ? `${fmtInt(last)} (open)` : fmtInt(s.end_step)}`),
+      h("td", { class: "num" }, e0 === null ? "–" : `${fmtEpoch(e0)}–${fmtEpoch(e1)}`),
+      h("td", { class: "num" }, fmtLr(s.lr)),
+      h("td", {}, { start: "start of the run", lr_change: "LR change" }[s.source] || s.source),
+      h("td", { class: "num" }, sum.count ? `${fmtValue(sum.first)} → ${fmtValue(sum.last)} (${fmtValue(sum.min)})` : "–"),
+    );
+  });
+  $("stages").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: "6", class: "muted" },
+    "No stage yet: stages follow the logged LR (key lr)."))]));
+}
+
+function renderDecisionsTable() {
+  const rows = [...data.decisions].reverse().map((d) => {
+    const ev = d.evidence || {};
+    const actor = d.history.length ? d.history[d.history.length - 1].actor : d.actor;
+    const kind = DECISION_KINDS[decisionKind(d)];
+    return h("tr", { dataset: { decision: String(d.id) } },
+      h("th", { scope: "row" }, String(d.id)),
+      h("td", {}, describeAction(d), d.overridden ? h("span", { class: "small muted" }, " (overridden)") : null),
+      h("td", {}, h("span", { style: `color:${kind.color}`, "aria-hidden": "true" }, `${kind.glyph} `),
+        h("span", { class: `dstatus ${d.status}` }, d.status)),
+      h("td", {}, `${d.source}${actor && actor !== d.source ? ` · ${actor}` : ""}`),
+      h("td", { class: "num" }, d.step === null ? "–" : fmtInt(d.step)),
+      h("td", { class: "num" }, d.applied_step === null ? "–" : `${fmtInt(d.applied_step)} · LR ${fmtLr(d.applied_lr)}`),
+      h("td", {}, ev.statistic !== undefined ? `${fmtValue(ev.value)} vs ${fmtValue(ev.threshold)} ` : "",
+        ev.window ? h("button", { type: "button", class: "small", "aria-label": `Show the window of decision ${d.id}`,
+          onclick: () => {
+            selectedDecision = d.id;
+            view.highlight = highlightOf();
+            zoomToWindow(ev.window);
+          } }, "Show window") : null),
+    );
+  });
+  $("decisions").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: "7", class: "muted" },
+    data.run.detector ? "No decision yet." : "No detector on this run, and no operator command yet."))]));
+  renderHead();
+  renderControls();
+}
+
+// --- audit log ---------------------------------------------------------------------------------------------------------
+
+async function loadAudit() {
+  let events;
+  try {
+    events = (await api(`/runs/${runId}/events`, { params: { limit: 100 } })).data;
+  } catch (error) {
+    $("audit").replaceChildren(h("li", { class: "error" }, explain(error)));
+    return;
+  }
+  const list = $("audit");
+  const scroll = list.scrollTop;
+  list.replaceChildren(...events.map(auditItem));
+  list.scrollTop = scroll;
+}
+
+function auditItem(event) {
+  const p = event.payload || {};
+  let what = event.kind;
+  let detail = "";
+  const m = /^decision\.(.+)$/.exec(event.kind);
+  if (m) {
+    const d = data.decisions.find((x) => x.id === p.decision_id);
+    what = `Decision #${p.decision_id} ${p.overrides ? "overridden" : m[1]}`;
+    if (p.overrides) detail = `was ${describeAction(p.overrides)}, now ${d ? describeAction(d) : "changed"}`;
+    else if (m[1] === "applied" || m[1] === "failed") detail = `at step ${fmtInt(p.step)}, LR ${fmtLr(p.lr)}`;
+    else if (d) detail = describeAction(d);
+  } else if (event.kind === "run.created") {
+    what = "Run created";
+    detail = `mode ${p.mode}${p.detector ? `, ${p.detector.name} on ${p.detector.metric}` : ""}`;
+  } else if (event.kind === "run.updated") {
+    what = "Run updated";
+    detail = Object.entries(p.after || {}).map(([k, v]) => `${k} → ${typeof v === "object" ? JSON.stringify(v) : v}`)
+      .join(", ");
+  } else if (event.kind === "detector.held") {
+    what = "Detector held";
+    detail = p.epochs ? `${p.epochs} epochs` : `${p.steps} steps`;
+  } else if (event.kind === "metrics.rewound") {
+    what = `Rewound to step ${fmtInt(p.step)}`;
+  }
+  const note = p.note || p.reason;
+  return h("li", { dataset: { kind: event.kind } },
+    h("span", { class: "what" }, what), ` by ${event.actor} · `, timeElement(event.created_at),
+    detail ? h("span", { class: "note" }, detail) : null,
+    note ? h("span", { class: "note" }, `“${note}”`) : null);
+}
+
+// --- export --------------------------------------------------------------------------------------------------------------
+
+async function exportCsv(event) {
+  const button = event.currentTarget;
+  const label = button.textContent;
+  button.disabled = true;
+  try {
+    await download(`/runs/${runId}/metrics/export`, { format: "csv" }, `run-${runId}-metrics.csv`, (bytes) => {
+      button.textContent = `Exporting… ${(bytes / 1e6).toFixed(1)} MB`;
+    });
+    announce("Export started.");
+  } catch (error) {
+    fail(`Export failed: ${explain(error)}`);
+  } finally {
+    button.textContent = label;
+    button.disabled = false;
+  }
+}
+
+// Signing in after a refusal: start again with the token.
+window.addEventListener("stagewatch:token", () => {
+  if (!loaded) location.reload();
+});
+
+main().catch((error) => fail(String(error)));
