@@ -151,6 +151,12 @@ class LatestValue(BaseModel):
     count: int
 
 
+class CurrentStage(BaseModel):
+    index: int
+    start_step: int
+    lr: float | None
+
+
 class RunPublic(BaseModel):
     id: int
     name: str
@@ -169,6 +175,7 @@ class RunPublic(BaseModel):
     auto_approve_after_s: float | None
     reject_backoff: Span | None
     pending_proposals: int = Field(description="Proposals waiting for an operator.")
+    stage: CurrentStage | None = Field(description="The open stage, once live detection has seen an LR or a point.")
 
 
 class RunList(BaseModel):

@@ -450,6 +450,7 @@ def test_stages_without_an_lr_until_one_is_logged(server: LiveServer, client: ht
     post("epoch/train_loss", range(1, 4), 0.5)
     (stage,) = client.get(f"/api/v1/runs/{run_id}/stages").json()
     assert (stage["start_step"], stage["lr"], stage["summary"]["count"]) == (1, None, 3)
+    assert client.get(f"/api/v1/runs/{run_id}").json()["stage"] == {"index": 0, "start_step": 1, "lr": None}
     post("lr", range(1, 5), 0.1)  # the LR becomes known: the open stage takes it, no new stage
     post("lr", range(5, 7), 0.05)
     post("epoch/train_loss", range(4, 7), 0.4)
@@ -459,3 +460,6 @@ def test_stages_without_an_lr_until_one_is_logged(server: LiveServer, client: ht
         (1, 5, None, 0.05),
     ]
     assert [s["summary"]["count"] for s in stages] == [4, 2]
+    assert client.get(f"/api/v1/runs/{run_id}").json()["stage"] == {"index": 1, "start_step": 5, "lr": 0.05}
+    listed = client.get("/api/v1/runs").json()["data"]
+    assert [r["stage"] for r in listed if r["id"] == run_id] == [{"index": 1, "start_step": 5, "lr": 0.05}]

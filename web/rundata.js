@@ -74,7 +74,9 @@ export class RunData {
         series = emptySeries(key);
         this.series.set(key, series);
       }
-      if (batch.points && !this.needsTime()) {
+      // Points with their wall time (a 4th element) can be appended on any x-axis; older servers sent none.
+      const timed = batch.points && batch.points.every((p) => p.length > 3);
+      if (batch.points && (timed || !this.needsTime())) {
         appendPoints(series, batch.points);
         for (const hook of this.appendHooks) hook(key, (detail) => appendPoints(detail, batch.points));
         this.maybeRefetch(key);

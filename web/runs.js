@@ -240,9 +240,18 @@ async function load({ append = false } = {}) {
   loadStages(page.data.map((r) => r.id));
 }
 
-// The current stage is not part of a run's summary: fetched per run, a few at a time, after the table is up.
+// Runs carry their open stage (`stage`); only for a run without one (an older server) is it fetched, a few at
+// a time, after the table is up.
 async function loadStages(ids) {
-  const queue = [...ids];
+  const queue = [];
+  for (const id of ids) {
+    const run = runs.get(id);
+    if (run && run.stage !== undefined) {
+      if (run.stage) stages.set(id, run.stage);
+    } else {
+      queue.push(id);
+    }
+  }
   const worker = async () => {
     while (queue.length) {
       const id = queue.shift();

@@ -34,12 +34,12 @@ export function lastStep(series) {
 export function appendPoints(series, points, time = null) {
   let added = 0;
   let last = lastStep(series);
-  for (const [step, value, epoch] of points) {
+  for (const [step, value, epoch, t] of points) {
     if (step <= last) continue;
     series.steps.push(step);
     series.values.push(toNumber(value));
     series.epochs.push(epoch === null || epoch === undefined ? null : toNumber(epoch));
-    series.times.push(time);
+    series.times.push(t ?? time); // live events carry each point's wall time as a 4th element
     last = step;
     added += 1;
   }

@@ -5,7 +5,8 @@ Each event carries its feed id as the SSE ``id``; a browser's ``EventSource`` se
 clients). Without either, the stream starts with what happens from now on. The first message is ``hello``
 with the current cursor, so a client can subscribe first, then load the state it draws, then apply events.
 
-Event kinds: ``points`` (keys and step ranges of a committed batch; small batches carry their points),
+Event kinds: ``points`` (keys and step ranges of a committed batch; small batches carry their points as
+``[step, value, epoch, wall time]``),
 ``decision`` (a decision after any transition), ``stage`` (a stage opened, closed or updated), ``run``
 (created, updated, rewound, held).
 """

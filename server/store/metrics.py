@@ -154,8 +154,8 @@ def _feed_summary(column: _Column) -> dict[str, Any]:
     summary: dict[str, Any] = {"count": len(steps), "first_step": min(steps), "last_step": max(steps)}
     if len(steps) <= FEED_POINTS:
         summary["points"] = [
-            [step, encode_stored_value(value), epoch]
-            for step, value, epoch in zip(steps, column.values, column.epochs, strict=True)
+            [step, encode_stored_value(value), epoch, t]
+            for step, value, epoch, t in zip(steps, column.values, column.epochs, column.times, strict=True)
         ]
     return summary
 

@@ -14,8 +14,8 @@ from sqlalchemy import Select, and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from server.errors import Invalid, run_not_found
-from server.models import Run, RunTag, Series, utcnow
-from server.schemas import LatestValue, RunCreate, RunPublic, RunUpdate, encode_stored_value, encode_value
+from server.models import Run, RunTag, Series, Stage, utcnow
+from server.schemas import CurrentStage, LatestValue, RunCreate, RunPublic, RunUpdate, encode_stored_value, encode_value
 from server.store.decisions import expire_proposals, pending_proposals
 from server.store.events import record_event
 from server.store.feed import add_feed_event
@@ -189,11 +189,24 @@ def latest_values(session: Session, run_ids: Sequence[int]) -> dict[int, dict[st
     return latest
 
 
+def current_stages(session: Session, run_ids: Sequence[int]) -> dict[int, CurrentStage]:
+    """The open stage of each run (one query for a whole page of runs)."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        select(Stage.run_id, Stage.index, Stage.start_step, Stage.lr).where(
+            Stage.run_id.in_(run_ids), Stage.end_step.is_(None)
+        )
+    )
+    return {run_id: CurrentStage(index=index, start_step=start, lr=lr) for run_id, index, start, lr in rows}
+
+
 def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> list[RunPublic]:
     ids = [r.id for r in runs]
     tags = tags_of(session, ids)
     latest = latest_values(session, ids)
     pending = pending_proposals(session, ids)
+    stages = current_stages(session, ids)
     now = utcnow()
     return [
         RunPublic(
@@ -214,6 +227,7 @@ def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> 
             auto_approve_after_s=r.auto_approve_after_s,
             reject_backoff=r.reject_backoff,
             pending_proposals=pending.get(r.id, 0),
+            stage=stages.get(r.id),
         )
         for r in runs
     ]
