@@ -187,35 +187,9 @@ def _resolve(args: argparse.Namespace) -> None:
 # --- the workers --------------------------------------------------------------------------------------------
 
 
-def train_options() -> set[str]:
-    """The long options ``stagewatch train`` accepts, from its ``--help``."""
-    result = subprocess.run(
-        [str(harness.stagewatch_script()), "train", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"stagewatch train --help failed ({result.returncode}):\n{result.stderr}")
-    return set(re.findall(r"(--[a-z][a-z0-9-]*)", result.stdout))
-
-
-def passthrough(args: argparse.Namespace, supported: set[str]) -> tuple[list[str], list[str]]:
-    """``--width``/``--label-noise`` for the workers, and the notes about options left out."""
-    extra: list[str] = []
-    notes: list[str] = []
-    for option, value, default in (
-        ("--width", args.width, DEFAULT_WIDTH),
-        ("--label-noise", args.label_noise, DEFAULT_LABEL_NOISE),
-    ):
-        if option in supported:
-            extra += [option, str(value)]
-        elif value != default:
-            raise SystemExit(f"{option} {value}: this `stagewatch train` has no {option} option yet")
-        else:
-            notes.append(f"`stagewatch train` has no {option}: not passed (its default is the recipe's)")
-    return extra, notes
+def passthrough(args: argparse.Namespace) -> list[str]:
+    """``--width``/``--label-noise`` for the workers."""
+    return ["--width", str(args.width), "--label-noise", str(args.label_noise)]
 
 
 @dataclass(frozen=True)
@@ -656,10 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _resolve(args)
     harness.snapshot_code()
-    supported = train_options()
-    extra, notes = passthrough(args, supported)
-    for note in notes:
-        print(f"note: {note}")
+    extra = passthrough(args)
     jobs = [Job(schedule, seed) for seed in args.seeds for schedule in args.schedules]
     timeout_s = WORKER_START_S + WORKER_EPOCH_S * args.epochs
     print(
@@ -707,7 +678,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "options": vars(args),
             "train_passthrough": extra,
-            "notes": notes,
             "worker_commands": [w.command for w in workers],
             "wall_s": wall_s,
             "train_wall_s": train_wall_s,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwr
 
 import trainer
 import web
+from benchmarks.bench_dashboard import CHROMIUM, CHROMIUM_ARGS  # one place for Chromium's settings
 from server.app import create_app
 from server.db import make_engine, make_session_factory, transaction
 from server.settings import Settings
@@ -37,16 +37,6 @@ from tests.test_live_detection import LR, CurveWorker, decisions, start
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
-CHROMIUM = os.environ.get("STAGEWATCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 VIEWPORT: ViewportSize = {"width": 1400, "height": 1000}
 UI_TIMEOUT_MS = 15_000  # generous: two CPU cores shared by the server, the worker and the browser
 WINDOW_FILL = "rgba(245, 159, 0, 0.22)"  # web/charts.js: the evidence window of a proposal
