@@ -76,6 +76,9 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The worker's idempotency key: its uniqueness is what makes concurrent creates end in one run. A unique
+    # index, not a constraint, because SQLite can add an index without rebuilding the table.
+    client_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True, index=True)
     name: Mapped[str] = mapped_column(String(200))
     project: Mapped[str] = mapped_column(String(200), index=True)
     notes: Mapped[str] = mapped_column(Text, default="")

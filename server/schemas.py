@@ -25,6 +25,9 @@ Role = Literal["viewer", "worker", "operator"]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Tag = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\s,]+$")]
 MetricKey = Annotated[str, Field(min_length=1, max_length=200)]
+# Chosen by the worker to make run creation idempotent. Control characters (NUL above all: Postgres text
+# cannot hold it) are refused so that the key is stored and matched byte for byte on both engines.
+ClientKey = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
 
 NON_FINITE_SCHEMA: dict[str, Any] = {
     "anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]
@@ -113,6 +116,11 @@ class Span(Strict):
 
 
 class RunCreate(Strict):
+    client_key: ClientKey | None = Field(
+        default=None,
+        description="Makes creation idempotent: if a run already has this key, that run is returned (200) "
+        "unchanged and the other fields are ignored.",
+    )
     name: Name | None = Field(default=None, description="Defaults to `run-<id>`.")
     project: Name = "default"
     tags: list[Tag] = Field(default_factory=list, max_length=50)
@@ -159,6 +167,7 @@ class CurrentStage(BaseModel):
 
 class RunPublic(BaseModel):
     id: int
+    client_key: str | None = Field(description="The key the run was created with, if any.")
     name: str
     project: str
     tags: list[str]
@@ -225,6 +234,19 @@ class RewindResult(BaseModel):
     event_id: int
     step: int
     removed: dict[str, int] = Field(description="Points moved to the audit log, per key.")
+
+
+class RewindPublic(BaseModel):
+    event_id: int = Field(description="The `metrics.rewound` audit event, with the archived points.")
+    step: int
+    time: dt.datetime
+    actor: str
+    reason: str
+    removed: dict[str, int] = Field(description="Points moved to the audit log, per key.")
+
+
+class RewindList(BaseModel):
+    data: list[RewindPublic] = Field(description="Oldest first.")
 
 
 class SeriesOut(BaseModel):

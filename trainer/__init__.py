@@ -13,6 +13,7 @@ raised. Commands from the server (decay, set the LR, stop) are received by the r
 from trainer.client import Client
 from trainer.commands import Ack, Command
 from trainer.errors import AuthError, RunStateError, ServerError, TrackerError
+from trainer.options import RunOptions
 from trainer.run import Run, RunState, start_run
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Client",
     "Command",
     "Run",
+    "RunOptions",
     "RunState",
     "RunStateError",
     "ServerError",

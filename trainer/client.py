@@ -63,6 +63,12 @@ class Client:
             timeout=httpx.Timeout(read, connect=timeout.connect),
         )
 
+    def get_rewinds(self, run_id: int, *, after: int) -> httpx.Response:
+        return self._http.get(f"{API}/runs/{run_id}/rewinds", params={"after": after})
+
+    def rewind(self, run_id: int, step: int, *, reason: str) -> httpx.Response:
+        return self._http.post(f"{API}/runs/{run_id}/rewind", json={"step": step, "reason": reason})
+
     def ack_command(self, run_id: int, command_id: int, body: dict[str, Any]) -> httpx.Response:
         return self._http.post(f"{API}/runs/{run_id}/commands/{command_id}/ack", json=body)
 

@@ -13,11 +13,14 @@ This module has no torch and no network code: it is the data the two sides share
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 __all__ = ["ACTIONS", "Ack", "Command", "CommandInbox"]
+
+logger = logging.getLogger("trainer")
 
 ACTIONS = ("decay", "set_lr", "stop")
 
@@ -95,6 +98,19 @@ class CommandInbox:
                     continue
                 self._pending[command.id] = command
                 added += 1
+        return added
+
+    def add_json(self, items: Iterable[Any], *, run_id: int | None) -> int:
+        """Adds commands as the server sent them (a list of JSON objects); malformed ones are logged and skipped."""
+        commands: list[Command] = []
+        for item in items:
+            try:
+                commands.append(Command.from_json(item))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                logger.warning("stagewatch: ignoring a malformed command from the server: %.200r", item)
+        added = self.add(commands)
+        if added:
+            logger.info("stagewatch: run %s received command(s): %s", run_id, [c.id for c in commands])
         return added
 
     def pending(self) -> list[Command]:

@@ -43,11 +43,12 @@ def create_command(run_id: int, data: CommandCreate, state: State, who: Operator
     return result
 
 
-def _take(state: AppState, run_id: int, after: int) -> list[CommandPublic]:
+def _take(state: AppState, run_id: int, after: int) -> tuple[list[CommandPublic], bool]:
+    """The pending commands, and whether the run is still running."""
     with transaction(state.sessions, write=True) as session:
         # The run row first, as every writer of a run does: otherwise Postgres can deadlock with an ingest.
-        get_run(session, run_id, for_update=True)
-        return [public(c) for c in store.take_pending(session, run_id, after=after)]
+        run = get_run(session, run_id, for_update=True)
+        return [public(c) for c in store.take_pending(session, run_id, after=after)], run.status == "running"
 
 
 @router.get("/{run_id}/commands", response_model=CommandList)
@@ -59,15 +60,16 @@ async def fetch_commands(
     wait: Annotated[float, Query(ge=0, le=30, description="Long-poll up to this many seconds.")] = 0,
 ) -> CommandList:
     """Commands not yet acknowledged, oldest first; fetching marks them delivered. With `wait`, the request
-    is held until one exists or `wait` seconds pass."""
+    is held until one exists, the run ends (its worker closed it: nothing more will come) or `wait` seconds
+    pass."""
     deadline = time.monotonic() + wait
     signal = state.wakeups.subscribe(run_id)
     try:
         while True:
             signal.clear()  # before reading: a command committed after the read still wakes the wait
-            commands = await run_in_threadpool(_take, state, run_id, after)
+            commands, running = await run_in_threadpool(_take, state, run_id, after)
             remaining = deadline - time.monotonic()
-            if commands or remaining <= 0:
+            if commands or not running or remaining <= 0:
                 return CommandList(data=commands)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(signal.wait(), min(remaining, RECHECK_S))

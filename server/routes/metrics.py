@@ -13,7 +13,15 @@ from server.auth import Viewer, Worker
 from server.db import transaction
 from server.errors import Invalid, PayloadTooLarge, invalid_from
 from server.live.detection import forget
-from server.schemas import CommandPublic, IngestResult, RewindRequest, RewindResult, SeriesResult, metric_batch_adapter
+from server.schemas import (
+    CommandPublic,
+    IngestResult,
+    RewindList,
+    RewindRequest,
+    RewindResult,
+    SeriesResult,
+    metric_batch_adapter,
+)
 from server.state import AppState, State
 from server.store import metrics as store
 from server.store.commands import take_pending
@@ -26,6 +34,7 @@ from server.streaming import prefetched
 router = APIRouter(prefix="/api/v1/runs", tags=["metrics"])
 
 MAX_STEP = 2**62
+MAX_EVENT_ID = 2**31 - 1  # events.id is a 32-bit integer on Postgres: a larger bound would be a 500, not a 422
 
 
 def _openapi_body(adapter_schema: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +114,20 @@ def rewind_run(run_id: int, data: RewindRequest, state: State, who: Worker) -> R
         state.live.notify(run_id)
     state.announce_from_thread(run_id)
     return result
+
+
+@router.get("/{run_id}/rewinds", response_model=RewindList)
+def read_rewinds(
+    run_id: int,
+    state: State,
+    _: Viewer,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only rewinds with a larger `event_id`.")] = 0,
+) -> RewindList:
+    """The run's rewinds, oldest first: step, who, why and the points removed per key. The removed points
+    themselves are in the audit event (`GET /runs/{id}/events/{event_id}`)."""
+    with transaction(state.sessions) as session:
+        get_run(session, run_id)
+        return RewindList(data=store.list_rewinds(session, run_id, after=after))
 
 
 @router.get("/{run_id}/metrics", response_model=SeriesResult)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 
 from server.auth import ROLE_RANK, Viewer, Worker
 from server.db import transaction
 from server.errors import Forbidden, NotFound
-from server.schemas import EventList, EventPublic, RunCreate, RunList, RunPublic, RunStatusOrStale, RunUpdate
+from server.schemas import (
+    ClientKey,
+    EventList,
+    EventPublic,
+    RunCreate,
+    RunList,
+    RunPublic,
+    RunStatusOrStale,
+    RunUpdate,
+)
 from server.state import State
 from server.store import runs as store
 from server.store.events import get_event, list_events
@@ -20,12 +29,27 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 OPERATOR_FIELDS = frozenset({"mode", "detector", "auto_approve_after_s", "reject_backoff"})
 
 
-@router.post("", response_model=RunPublic, status_code=status.HTTP_201_CREATED)
-def create_run(data: RunCreate, state: State, who: Worker) -> RunPublic:
-    """Create a run (status `running`). Returns it with its `id`."""
+@router.post(
+    "",
+    response_model=RunPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        201: {"description": "The run was created."},
+        200: {"model": RunPublic, "description": "A run with this `client_key` already existed: that run, unchanged."},
+    },
+)
+def create_run(data: RunCreate, state: State, who: Worker, response: Response) -> RunPublic:
+    """Create a run (status `running`): 201 with its `id`.
+
+    With a `client_key` it is idempotent: if a run already has that key, the answer is 200 with that run,
+    unchanged (the other fields are ignored) and nothing is recorded. Concurrent creates with one key make
+    one run."""
     with transaction(state.sessions, write=True) as session:
-        run = store.create_run(session, data, actor=who.actor)
+        run, created = store.create_or_get_run(session, data, actor=who.actor)
         result = store.to_public(session, [run], grace=state.grace)[0]
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return result
     state.announce_from_thread(result.id)
     return result
 
@@ -38,11 +62,12 @@ def list_runs(
     project: str | None = None,
     tag: str | None = None,
     name: Annotated[str | None, Query(description="Case-insensitive substring of the run name.")] = None,
+    client_key: Annotated[ClientKey | None, Query(description="The run created with this key.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
 ) -> RunList:
     """Runs, newest first, filtered; paginated with an opaque cursor."""
-    flt = store.RunFilter(status=status_, project=project, tag=tag, name=name)
+    flt = store.RunFilter(status=status_, project=project, tag=tag, name=name, client_key=client_key)
     with transaction(state.sessions) as session:
         runs, next_cursor = store.list_runs(session, flt, limit=limit, cursor=cursor, grace=state.grace)
         return RunList(data=store.to_public(session, runs, grace=state.grace), next_cursor=next_cursor)
@@ -68,7 +93,8 @@ def update_run(run_id: int, data: RunUpdate, state: State, who: Worker) -> RunPu
         result = store.to_public(session, [run], grace=state.grace)[0]
     if state.live is not None:
         state.live.notify(run_id)
-    state.announce_from_thread(run_id)
+    # A status change ends the worker's command long-poll of a run that is no longer running.
+    state.announce_from_thread(run_id, command="status" in data.model_fields_set)
     return result
 
 

@@ -13,8 +13,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from server.errors import Conflict, Invalid
-from server.models import MetricPoint, Run, Series
-from server.schemas import IngestResult, PointIn, encode_stored_value
+from server.models import Event, MetricPoint, Run, Series
+from server.schemas import IngestResult, PointIn, RewindPublic, encode_stored_value
 from server.store import rollups
 from server.store.events import record_event
 from server.store.feed import add_feed_event
@@ -195,6 +195,9 @@ class RewindOutcome:
     removed: dict[str, int]
 
 
+REWOUND = "metrics.rewound"
+
+
 def rewind(session: Session, run: Run, step: int, *, reason: str, actor: str) -> RewindOutcome:
     """Move every point after ``step`` into the audit log, so that a run resumed from the checkpoint at
     ``step`` can log those steps again. Nothing is dropped: the event holds the removed points."""
@@ -216,7 +219,7 @@ def rewind(session: Session, run: Run, step: int, *, reason: str, actor: str) ->
     event = record_event(
         session,
         run_id=run.id,
-        kind="metrics.rewound",
+        kind=REWOUND,
         actor=actor,
         payload={
             "step": step,
@@ -228,6 +231,21 @@ def rewind(session: Session, run: Run, step: int, *, reason: str, actor: str) ->
     )
     heartbeat(run)
     return RewindOutcome(event_id=event.id, removed=removed)
+
+
+def list_rewinds(session: Session, run_id: int, *, after: int = 0) -> list[RewindPublic]:
+    """The run's rewinds with an event id above ``after``, oldest first. Only the summary is read out of each
+    event's payload: the archived points it also holds can be millions."""
+    payload = Event.payload
+    rows = session.execute(
+        select(Event.id, Event.created_at, Event.actor, payload["step"], payload["reason"], payload["removed"])
+        .where(Event.run_id == run_id, Event.kind == REWOUND, Event.id > after)
+        .order_by(Event.id)
+    )
+    return [
+        RewindPublic(event_id=id_, step=step, time=at, actor=actor, reason=reason or "", removed=removed or {})
+        for id_, at, actor, step, reason, removed in rows
+    ]
 
 
 def _refresh_latest(session: Session, s: Series, removed: int) -> None:

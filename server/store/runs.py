@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Select, and_, delete, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.errors import Invalid, run_not_found
@@ -27,6 +28,7 @@ class RunFilter:
     project: str | None = None
     tag: str | None = None
     name: str | None = None
+    client_key: str | None = None
 
 
 def get_run(session: Session, run_id: int, *, for_update: bool = False) -> Run:
@@ -40,9 +42,23 @@ def get_run(session: Session, run_id: int, *, for_update: bool = False) -> Run:
     return run
 
 
+def run_with_key(session: Session, client_key: str) -> Run | None:
+    return session.scalar(select(Run).where(Run.client_key == client_key))
+
+
 def create_run(session: Session, data: RunCreate, *, actor: str) -> Run:
+    return create_or_get_run(session, data, actor=actor)[0]
+
+
+def create_or_get_run(session: Session, data: RunCreate, *, actor: str) -> tuple[Run, bool]:
+    """The new run and True; or, when a run already has ``data.client_key``, that run untouched and False."""
+    if data.client_key is not None:
+        existing = run_with_key(session, data.client_key)
+        if existing is not None:
+            return existing, False
     now = utcnow()
     run = Run(
+        client_key=data.client_key,
         name=data.name or "",
         project=data.project,
         notes=data.notes,
@@ -56,14 +72,23 @@ def create_run(session: Session, data: RunCreate, *, actor: str) -> Run:
         updated_at=now,
         last_heartbeat_at=now,
     )
-    session.add(run)
-    session.flush()
+    try:
+        # A savepoint, so that losing the race below leaves the request's transaction usable.
+        with session.begin_nested():
+            session.add(run)
+    except IntegrityError:
+        # A concurrent create with the same key committed first (on Postgres our insert waited for it on the
+        # unique index); it is now visible to this read-committed transaction.
+        existing = run_with_key(session, data.client_key) if data.client_key is not None else None
+        if existing is None:
+            raise
+        return existing, False
     if not data.name:
         run.name = f"run-{run.id}"
     _set_tags(session, run.id, data.tags)
     record_event(session, run_id=run.id, kind="run.created", actor=actor, payload=data.model_dump(mode="json"))
     add_feed_event(session, run.id, "run", {"change": "created"})
-    return run
+    return run, True
 
 
 def update_run(session: Session, run: Run, data: RunUpdate, *, actor: str) -> Run:
@@ -146,6 +171,8 @@ def _filtered(query: Select[Run], flt: RunFilter, *, cutoff: dt.datetime) -> Sel
     if flt.name is not None:
         escaped = flt.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(or_(Run.name.ilike(f"%{escaped}%", escape="\\")))
+    if flt.client_key is not None:
+        query = query.where(Run.client_key == flt.client_key)
     return query
 
 
@@ -211,6 +238,7 @@ def to_public(session: Session, runs: Sequence[Run], *, grace: dt.timedelta) -> 
     return [
         RunPublic(
             id=r.id,
+            client_key=r.client_key,
             name=r.name,
             project=r.project,
             tags=tags[r.id],

@@ -157,6 +157,12 @@ class StagewatchCallback(TrainerCallback, ExportableState):
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """The points logged so far survive a crash from here on (:meth:`trainer.run.Run.checkpoint`): a job
+        resumed from this checkpoint misses none of the points it covers."""
+        if self.run is not None:
+            self.run.checkpoint()
+
     def state(self) -> dict[str, Any]:
         """What the ``Trainer`` saves in ``trainer_state.json``: no arguments, the applied commands."""
         return {"args": {}, "attributes": {_STATE_KEY: self.state_dict()}}

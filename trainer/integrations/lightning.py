@@ -161,6 +161,14 @@ class StagewatchCallback(Callback):
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The points logged so far survive a crash from here on (:meth:`trainer.run.Run.checkpoint`): a job
+        resumed from this checkpoint misses none of the points it covers."""
+        if self.run is not None:
+            self.run.checkpoint()
+
     def state_dict(self) -> dict[str, Any]:
         """The commands applied so far (``CommandApplier.state_dict``), saved in Lightning checkpoints."""
         if self.applier is not None:

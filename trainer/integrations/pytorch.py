@@ -146,7 +146,13 @@ class StagewatchHook:
     # --- checkpoints ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The step count and the commands applied so far; save it next to the optimizer and scheduler."""
+        """The step count and the commands applied so far; save it next to the optimizer and scheduler.
+
+        Call it when you save the checkpoint: it also makes every point logged so far survive a crash
+        (:meth:`trainer.run.Run.checkpoint`), so a job resumed from this checkpoint -- ``start_run(...,
+        resume_step=state["step"])`` -- misses none of the points the checkpoint covers."""
+        if self.run is not None:
+            self.run.checkpoint()
         return {"step": self.step, "applier": self.applier.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
