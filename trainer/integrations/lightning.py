@@ -88,6 +88,7 @@ class StagewatchCallback(Callback):
         self._lr_used: float | None = None
         self._last_step = -1
         self._epoch: float | None = None
+        self._checkpoint_step: int | None = None  # a checkpoint at this step still waits for its step's metrics
 
     @property
     def should_stop(self) -> bool:
@@ -168,6 +169,9 @@ class StagewatchCallback(Callback):
         resumed from this checkpoint misses none of the points it covers."""
         if self.run is not None:
             self.run.checkpoint()
+            # Lightning saves in on_train_batch_end, *before* it hands that step's metrics to the loggers: the
+            # step's own points arrive in _forward right after, and are made durable there too.
+            self._checkpoint_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         """The commands applied so far (``CommandApplier.state_dict``), saved in Lightning checkpoints."""
@@ -195,6 +199,9 @@ class StagewatchCallback(Callback):
         }
         if values:
             self.run.log(values, step=self._trainer.global_step, epoch=self._epoch)
+        if self._checkpoint_step == self._trainer.global_step:
+            self._checkpoint_step = None
+            self.run.checkpoint()
 
 
 class _MetricsForwarder(Logger):
