@@ -339,6 +339,24 @@ class HoldRequest(Span):
     reason: str = Field(default="", max_length=2000)
 
 
+class DetectionProgress(BaseModel):
+    """How far live detection has got on a run's stored points."""
+
+    run_id: int
+    metric: str | None = Field(description="The monitored key; null when the run has no detector.")
+    lr_key: str
+    through_step: int | None = Field(description="The last monitored point detection has examined.")
+    lr_through_step: int | None = Field(description="The last LR point the stages have followed.")
+    stored_through_step: int | None = Field(description="The last monitored point stored.")
+    lr_stored_through_step: int | None = Field(description="The last LR point stored.")
+    fed_through_step: int | None = Field(
+        description="The last monitored point the detector itself consumed; behind `through_step` while it waits "
+        "for the outcome of `waiting_on`."
+    )
+    waiting_on: int | None = Field(description="The decision whose outcome the detector waits for (nothing is fed).")
+    caught_up: bool = Field(description="Every stored point has been examined.")
+
+
 class HoldPublic(BaseModel):
     run_id: int
     hold_until_step: int | None

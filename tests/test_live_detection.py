@@ -285,24 +285,69 @@ def test_auto_approval_after_a_timeout(server: LiveServer, tmp_path: Path):
     assert decision["status"] == "applied"
 
 
-def test_a_newer_proposal_supersedes_a_waiting_one(server: LiveServer, client: httpx.Client, tmp_path: Path):
+def progress(server: LiveServer, run_id: int | None) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/api/v1/runs/{run_id}/detection", params={"wait": 10})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    assert body["caught_up"], body
+    return body
+
+
+def test_a_proposal_left_waiting_is_never_superseded_by_its_own_shadow(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+):
+    """The demo's bug: while a decay waited, the detector was fed as if it had happened, decided a stop on
+    that false premise and superseded the decay. Now nothing is fed while a proposal waits, however long."""
     with start(server, tmp_path, "approve") as run:
         worker = CurveWorker(server, run)
+        worker.train_until(lambda: bool(decisions(server, run.id)))
+        (proposal,) = decisions(server, run.id)
+        assert proposal["action"] == "decay"
+        for _ in range(40):  # nobody decides for 40 epochs: five times what a stage takes here
+            assert worker.train_epoch()
+        state = progress(server, run.id)
+        (still,) = decisions(server, run.id)
+        assert (still["id"], still["status"]) == (proposal["id"], "proposed")
+        assert state["waiting_on"] == proposal["id"]
+        assert state["fed_through_step"] == proposal["step"]  # the detector has consumed nothing since
+        assert state["through_step"] == worker.step  # yet every point has been examined (stages, summaries)
+
+        approved = client.post(f"/api/v1/runs/{run.id}/decisions/{proposal['id']}/approve", json={})
+        assert approved.status_code == 200, approved.text
+        worker.settle()
+        assert worker.train_epoch()  # applied at its first step
+        assert run.flush(timeout=10)
+        applied_at = decisions(server, run.id)[0]["applied_step"]
+        assert applied_at is not None and applied_at > proposal["step"] + 40 * STEPS_PER_EPOCH - STEPS_PER_EPOCH
+        # The next stage is judged on points after the decay was applied, and it is a decay again, not a stop:
+        # the waiting proposal counted once, when it was applied.
         worker.train_until(lambda: len(decisions(server, run.id)) == 2)
-        old, new = decisions(server, run.id)
-        assert (old["status"], new["status"]) == ("superseded", "proposed")
-        assert old["history"][-1]["note"] == f"superseded by decision {new['id']}"
-        stale = client.post(f"/api/v1/runs/{run.id}/decisions/{old['id']}/approve", json={})
-        assert stale.status_code == 409 and "superseded" in stale.json()["detail"]
-        # An operator's own decay supersedes the waiting proposal too.
+        second = decisions(server, run.id)[1]
+    assert second["action"] == "decay"
+    assert second["evidence"]["window"][0] > applied_at
+    assert worker.lr == pytest.approx(LR * 0.1)
+
+
+def test_an_operator_command_supersedes_a_waiting_proposal(server: LiveServer, client: httpx.Client, tmp_path: Path):
+    with start(server, tmp_path, "approve") as run:
+        worker = CurveWorker(server, run)
+        worker.train_until(lambda: bool(decisions(server, run.id)))
+        (old,) = decisions(server, run.id)
         now = client.post(f"/api/v1/runs/{run.id}/commands", json={"action": "decay", "factor": 0.5})
         assert now.status_code == 201
         worker.settle()
         assert worker.train_epoch()
         assert worker.lr == pytest.approx(0.05)
+        stale = client.post(f"/api/v1/runs/{run.id}/decisions/{old['id']}/approve", json={})
+        assert stale.status_code == 409 and "superseded" in stale.json()["detail"]
+        assert progress(server, run.id)["waiting_on"] is None  # the detector was told; it feeds again
+        # A new stage at 0.05; the superseded decay did not count (max_decays 2): the next one is a decay.
+        worker.train_until(lambda: len(decisions(server, run.id)) == 3)
     made = decisions(server, run.id)
-    assert [d["status"] for d in made] == ["superseded", "superseded", "applied"]
-    assert made[2]["source"] == "operator" and made[2]["applied_lr"] == pytest.approx(0.05)
+    assert [d["status"] for d in made[:2]] == ["superseded", "applied"]
+    assert made[0]["history"][-1]["note"] == f"superseded by decision {made[1]['id']}"
+    assert made[1]["source"] == "operator" and made[1]["applied_lr"] == pytest.approx(0.05)
+    assert (made[2]["action"], made[2]["source"]) == ("decay", "detector:autodecay")
     assert worker.applied[0].action == "decay"
 
 

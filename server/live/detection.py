@@ -4,17 +4,23 @@ Everything a pass changes -- the detector's state, the stages, the decisions and
 written in one transaction together with the position it reached, so a server that stops at any moment
 resumes from the last committed pass and makes exactly the decisions it would have made without stopping.
 
-Two readers follow the stored points, each with its own position in ``detector_states``:
+Three readers follow the stored points, each with its own position in ``detector_states``:
 
 * stages: the run's LR key (``lr`` by default). Stage 0 starts at its first point; every change of the
   logged LR closes the current stage and opens the next (``source`` ``lr_change``). Each stage's ``summary``
   holds the monitored metric's count, first, last, min and max over the stage.
-* the detector: the monitored metric (``detector.metric``). Before each point, the LR logged at or before
-  its step is handed to ``set_lr``, so the detector learns of schedules and of applied decisions. While the
-  run is held (``hold_until_step`` / ``hold_until_epoch``), points are not fed to it.
+* the stage summaries: every monitored point, as it is stored (``last_step``: how far detection has examined
+  the run, what ``GET /runs/{id}/detection`` reports and waits on).
+* the detector, through :class:`server.detectors.feed.Feeder` -- the same loop ``stagewatch replay`` and the
+  benchmarks use. In approve and auto mode a decision *waits* for its outcome: nothing more is fed to the
+  detector until the decision is applied (the points up to the step the worker applied it at are skipped: they
+  were trained at the old LR after the stage had ended), or is rejected, expires or is superseded (the detector
+  is told it was not applied and its stage starts again). So no decision is ever computed on the premise that a
+  waiting one was applied. In observe mode a decision is only noted.
 
 A new detector configuration (``PATCH /runs/{id}``) or a rewind rebuilds the detector from the first point,
-silently: decisions the old configuration made stand, and the new one decides only on points to come.
+silently, every past decision taken as not applied: decisions the old configuration made stand, and the new one
+decides only on points to come.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from sqlalchemy.orm import Session
 
 from server.detectors import Decision as DetectorDecision
 from server.detectors import Detector, make_detector
+from server.detectors.feed import Feeder, FeedState, Outcome
 from server.errors import Invalid
-from server.models import DetectorState, MetricPoint, Run, Series, Stage, utcnow
+from server.models import Decision, DetectorState, MetricPoint, Run, Series, Stage, utcnow
 from server.schemas import StagePublic
 from server.store import decisions
 from server.store.feed import add_feed_event
@@ -76,11 +83,28 @@ def build_detector(config: dict[str, Any]) -> Detector[Any]:
     return make_detector(str(config["name"]), config.get("params") or {})
 
 
-def load_detector(row: DetectorState) -> Detector[Any]:
+def load_feeder(row: DetectorState, outcome: Outcome) -> Feeder:
+    """The run's detector and its feeding position, as the last pass left them."""
     detector = build_detector(row.config)
-    if row.state:
-        detector.load_state_dict(row.state)
-    return detector
+    state = row.state or {}
+    if "feed" in state:
+        if state["detector"]:
+            detector.load_state_dict(state["detector"])
+        feed = FeedState.from_dict(state["feed"])
+    else:  # written before the feeder existed: the detector's state alone, fed up to row.last_step
+        if state:
+            detector.load_state_dict(state)
+        feed = FeedState(last_step=row.last_step)
+    return Feeder(detector, feed, outcome=outcome)
+
+
+def _save_feeder(row: DetectorState, feeder: Feeder) -> None:
+    row.state = {"detector": feeder.detector.state_dict(), "feed": feeder.state.to_dict()}
+
+
+def _outcome(run: Run) -> Outcome:
+    """Approve and auto mode wait for each decision's outcome; observe mode (and a run that ended) only notes."""
+    return "wait" if run.status == "running" and run.mode != "observe" else "observed"
 
 
 def _stage_event(session: Session, stage: Stage) -> None:
@@ -173,11 +197,12 @@ def _follow_lr(session: Session, run: Run, row: DetectorState, stages: _Stages) 
 
 
 def _on_decision(
-    session: Session, run: Run, detector: Detector[Any], decision: DetectorDecision, metric: str, result: PassResult
+    session: Session, run: Run, feeder: Feeder, decision: DetectorDecision, metric: str, result: PassResult
 ) -> None:
+    detector = feeder.detector
     evidence = {**decision.evidence.to_dict(), "metric": metric, "detector": detector.name}
     source = f"detector:{detector.name}"
-    mode = run.mode if run.status == "running" else "observe"  # a finished run can no longer act
+    observe = feeder.outcome == "observed"
     created = decisions.create(
         session,
         run,
@@ -189,56 +214,73 @@ def _on_decision(
         actor=source,
         evidence=evidence,
         reason=decision.evidence.explanation,
-        status="proposed" if mode != "observe" else "observed",
+        status="observed" if observe else "proposed",
     )
     result.decisions.append(created.id)
-    if mode == "observe":
-        detector.not_applied(decision.action)
+    if observe:
         return
-    for stale in decisions.supersede_waiting(session, run.id, by=created.id, actor=source):
-        detector.not_applied(stale.action)  # type: ignore[arg-type]
-    if mode == "auto":
+    assert feeder.state.waiting is not None
+    feeder.state.waiting["id"] = created.id
+    if run.mode == "auto":
         decisions.transition(session, created, "approved", actor="auto", note="auto mode")
         result.commands = True
 
 
-def _held(row: DetectorState, step: int, epoch: float | None) -> bool:
-    if row.hold_until_step is not None and step < row.hold_until_step:
-        return True
-    return row.hold_until_epoch is not None and epoch is not None and epoch < row.hold_until_epoch
+# A waiting decision in one of these has been decided: applied, or never to be.
+_NOT_APPLIED = frozenset({"rejected", "expired", "superseded", "failed", "observed"})
 
 
-def _feed_detector(
-    session: Session, run: Run, row: DetectorState, detector: Detector[Any], stages: _Stages | None, *, emit: bool
-) -> PassResult:
-    """Feeds the monitored points after ``row.last_step`` (with the LR in effect before each)."""
+def _resolve_waiting(session: Session, feeder: Feeder) -> None:
+    """Tells the feeder what became of the decision it waits on, once that is known."""
+    waiting = feeder.state.waiting
+    if waiting is None:
+        return
+    decision = session.get(Decision, waiting["id"]) if "id" in waiting else None
+    if decision is None:
+        feeder.resolve(applied=False)
+    elif decision.status == "applied":
+        feeder.resolve(applied=True, at_step=decision.applied_step)
+    elif decision.status in _NOT_APPLIED:
+        feeder.resolve(applied=False)
+
+
+def _follow_metric(session: Session, run: Run, row: DetectorState, stages: _Stages, metric: str) -> None:
+    """Stage summaries from every stored monitored point; ``row.last_step`` is how far detection has looked."""
+    series = _series_id(session, run.id, metric)
+    while True:
+        points = _points_after(session, series, row.last_step)
+        for step, value, _epoch in points:
+            stages.add_value(metric, step, value)
+            row.last_step = step
+        if len(points) < CHUNK:
+            return
+
+
+def _feed_detector(session: Session, run: Run, row: DetectorState, feeder: Feeder, *, emit: bool) -> PassResult:
+    """Feeds the monitored points the detector has not consumed (with the logged LR), acting on decisions."""
     result = PassResult()
-    config = row.config
-    metric = str(config.get("metric", "epoch/train_loss"))
+    metric = str(row.config.get("metric", "epoch/train_loss"))
     metric_series = _series_id(session, run.id, metric)
     lr_series = _series_id(session, run.id, _lr_key(run))
     while True:
-        points = _points_after(session, metric_series, row.last_step)
+        _resolve_waiting(session, feeder)
+        if feeder.waiting:
+            return result
+        after = feeder.state.last_step
+        points = _points_after(session, metric_series, after)
         if not points:
             return result
-        lrs = _points_after(session, lr_series, row.last_step, upto=points[-1][0], limit=10 * CHUNK)
-        i = 0
-        for step, value, epoch in points:
-            while i < len(lrs) and lrs[i][0] <= step:
-                lr = lrs[i][1]
-                if lr is not None and math.isfinite(lr) and lr != detector.lr:
-                    detector.set_lr(lr)
-                i += 1
-            row.last_step = step
-            if stages is not None:
-                stages.add_value(metric, step, value)
-            if _held(row, step, epoch):
-                continue
-            made = detector.update(step, math.nan if value is None else value)
-            if emit:
-                for decision in made:
-                    _on_decision(session, run, detector, decision, metric, result)
-        if len(points) < CHUNK:
+        lrs = _points_after(session, lr_series, after, upto=points[-1][0], limit=10 * CHUNK)
+        made = feeder.feed(
+            points,
+            [(step, value) for step, value, _epoch in lrs],
+            hold_until_step=row.hold_until_step,
+            hold_until_epoch=row.hold_until_epoch,
+        )
+        if emit:
+            for decision in made:
+                _on_decision(session, run, feeder, decision, metric, result)
+        if len(points) < CHUNK and not feeder.waiting:
             return result
 
 
@@ -282,13 +324,14 @@ def _process_run(session: Session, run_id: int) -> PassResult:
     else:
         if row.config != config:
             # A new configuration: rebuild from the first point without acting on the past.
-            row.config, row.state, row.last_step = config, {}, None
-            rebuilt = build_detector(config)
-            _feed_detector(session, run, row, rebuilt, None, emit=False)
-            row.state = rebuilt.state_dict()
-        detector = load_detector(row)
-        result = _feed_detector(session, run, row, detector, stages, emit=True)
-        row.state = detector.state_dict()
+            row.config = config
+            rebuilt = Feeder(build_detector(config), outcome="observed")
+            _feed_detector(session, run, row, rebuilt, emit=False)
+            _save_feeder(row, rebuilt)
+        _follow_metric(session, run, row, stages, str(config.get("metric", "epoch/train_loss")))
+        feeder = load_feeder(row, _outcome(run))
+        result = _feed_detector(session, run, row, feeder, emit=True)
+        _save_feeder(row, feeder)
     row.updated_at = utcnow()
     result.changed = stages.publish() or bool(result.decisions)
     return result
@@ -313,16 +356,6 @@ def _row_for_action(session: Session, run: Run) -> DetectorState:
         row = _fresh_row(run, {})
         session.add(row)
     return row
-
-
-def told_not_applied(session: Session, run: Run, action: str) -> None:
-    """The detector learns that one of its decisions was not applied (see ``Detector.not_applied``)."""
-    row = session.get(DetectorState, run.id, with_for_update=True)
-    if row is None or not row.config or not row.state:
-        return
-    detector = load_detector(row)
-    detector.not_applied(action)  # type: ignore[arg-type]
-    row.state = detector.state_dict()
 
 
 def hold(session: Session, run: Run, *, epochs: float | None, steps: int | None) -> DetectorState:

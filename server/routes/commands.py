@@ -12,11 +12,9 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import Operator, Worker
 from server.db import transaction
-from server.live.detection import told_not_applied
 from server.schemas import CommandAck, CommandCreate, CommandList, CommandPublic
 from server.state import AppState, State
 from server.store import commands as store
-from server.store import decisions
 from server.store.runs import get_run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["commands"])
@@ -34,11 +32,10 @@ def create_command(run_id: int, data: CommandCreate, state: State, who: Operator
     """Queue a command for the run's worker: `decay` (by `factor`), `set_lr` (to `lr`) or `stop`."""
     with transaction(state.sessions, write=True) as session:
         run = get_run(session, run_id, for_update=True)
-        waiting = decisions.waiting(session, run_id)
         command = store.create_command(session, run, data, actor=who.actor)  # supersedes what was waiting
-        for stale in waiting:
-            told_not_applied(session, run, stale.action)
         result = public(command)
+    if state.live is not None:
+        state.live.notify(run_id)  # a superseded proposal: its detector is told in the next pass
     state.announce_from_thread(run_id, command=True)
     return result
 

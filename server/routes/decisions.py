@@ -45,11 +45,12 @@ def reject(run_id: int, decision_id: int, data: RejectRequest, state: State, who
         run = get_run(session, run_id, for_update=True)
         decision = decisions.get_decision(session, run_id, decision_id)
         decisions.reject(session, decision, actor=who.actor, reason=data.reason)
-        detection.told_not_applied(session, run, decision.action)
         backoff = data.backoff or (Span.model_validate(run.reject_backoff) if run.reject_backoff else None)
         if backoff is not None:
             detection.hold(session, run, epochs=backoff.epochs, steps=backoff.steps)
         result = decisions.public(decision)
+    if state.live is not None:
+        state.live.notify(run_id)  # the next pass tells the detector, which starts the stage again
     state.announce_from_thread(run_id)
     return result
 
