@@ -1,9 +1,10 @@
 """Detection benchmark: replay synthetic and recorded curves through every registered stage detector.
 
-Open loop: each curve's points are fed in order to a fresh detector (``update(step, value)``) and every
-decision is recorded; a decision does not change the curve (it was already recorded). So, as the server does
-for a rejected proposal, the detector is told the LR actually in effect (``set_lr``) after each decision, and
-before the first point at a new LR where a recorded run's schedule changed it.
+Open loop: each curve's points are fed in order to a fresh detector by the loop live detection and replay use
+(``server.detectors.feed.Feeder``) and every decision is recorded; a decision does not change the curve (it was
+already recorded), so each is only *observed*, as in the server's observe mode: the detector is told it was not
+applied (``not_applied``, its stage starts again), and each change of a recorded run's LR is told before the
+first point at the new LR, as live.
 
 Curve families (``--families``):
 
@@ -79,6 +80,7 @@ import numpy as np
 
 from benchmarks.harness import print_table, write_json
 from benchmarks.synthetic_curves import Curve, Kind, make_curves
+from server.detectors.feed import Feeder
 
 CURVES_DIR = Path(__file__).resolve().parent / "data" / "curves"
 ONSET_FRACTION = 0.10  # the onset: less than this share of the total drop is left
@@ -353,38 +355,30 @@ class CurveResult:
 
 
 def _feed(detector: Any, curve: Curve, first: int = 0, last: int | None = None) -> list[dict[str, Any]]:
-    """Feeds points ``first..last`` (indices) in order. Before the first point at a new recorded LR, and after
-    every decision, the detector is told the LR actually in effect (``set_lr``): the recording went on at its
-    own schedule, as if each proposal had been rejected."""
-    changes = dict(curve.lr_changes)
-    lr = curve.lr
-    for step, new_lr in curve.lr_changes:
-        if step <= int(curve.steps[first]):
-            lr = new_lr
-    if first > 0:
-        detector.set_lr(lr)
-    decisions: list[dict[str, Any]] = []
+    """Feeds points ``first..last`` (indices) through the live feeding loop (``server.detectors.feed``), each
+    decision only observed: the recording went on at its own schedule, as if every proposal had been rejected.
+    The recorded LR changes are told as live; a slice starts from the LR in effect at its first point."""
     steps = curve.steps[first:last].tolist()
     values = curve.values[first:last].tolist()
-    for step, value in zip(steps, values, strict=True):
-        if step in changes:
-            lr = changes[step]
-            detector.set_lr(lr)
-        made = detector.update(step, value)
-        for d in made:
-            decisions.append({
-                "step": d.step,
-                "action": d.action,
-                "factor": d.factor,
-                "lr": d.lr,
-                "statistic": d.evidence.statistic,
-                "value": d.evidence.value,
-                "threshold": d.evidence.threshold,
-                "window": list(d.evidence.window),
-            })  # fmt: skip
-        if made:
-            detector.set_lr(lr)
-    return decisions
+    lr = curve.lr
+    for step, new_lr in curve.lr_changes:
+        if step <= steps[0]:
+            lr = new_lr
+    lrs = [(steps[0], lr)] + [(step, new_lr) for step, new_lr in curve.lr_changes if step > steps[0]]
+    made = Feeder(detector, outcome="observed").feed([(s, v, None) for s, v in zip(steps, values, strict=True)], lrs)
+    return [
+        {
+            "step": d.step,
+            "action": d.action,
+            "factor": d.factor,
+            "lr": d.lr,
+            "statistic": d.evidence.statistic,
+            "value": d.evidence.value,
+            "threshold": d.evidence.threshold,
+            "window": list(d.evidence.window),
+        }
+        for d in made
+    ]
 
 
 def replay(registry: dict[str, Any], config: Config, curve: Curve) -> CurveResult:

@@ -8,12 +8,16 @@ Input is one of:
   scalar kept: ``simple_value`` scalars (``torch.utils.tensorboard``, ``tensorboardX``) and the tensor
   scalars of TF2's ``tf.summary.scalar``.
 
-The monitored series is fed to the detector point by point. The recorded learning rate (``lr``, or
-``--lr-tag``) is matched to each point as the last LR logged at or before its step (the first LR for points
-before any). Its first value becomes the detector's ``initial_lr`` unless ``--set initial_lr=...`` is given,
-and whenever the recorded LR changes the detector is told with ``set_lr`` before that point, as the server
-does when a schedule outside Stagewatch changes the LR. Between changes the detector assumes its own
-decisions were applied, as it does live.
+The monitored series is fed to the detector by the same loop live detection uses
+(:class:`server.detectors.feed.Feeder`). The recorded learning rate (``lr``, or ``--lr-tag``) is matched to each
+point as the last LR logged at or before its step (the first LR for points before any); its first value becomes
+the detector's ``initial_lr`` unless ``--set initial_lr=...`` is given, and each change of it is told to the
+detector before that point, as live. ``--assume`` says what became of each decision, as the run's mode did live:
+
+- ``applied`` (default): applied at its step -- "what would it have decided" on a recording made without it;
+- ``observed``: only noted -- reproduces, decision for decision, a run watched live in observe mode;
+- ``logged``: applied where the recorded LR next changes, the detector waiting meanwhile -- reproduces a live
+  auto-mode run, whose applied decisions show in its logged LR.
 
 Output: one JSON line per decision on stdout (``Decision.to_dict()``); ``--plot FILE.html`` also writes a
 self-contained plotly figure (plotly.js embedded, no CDN) of the curve, the LR, the stages found by
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.detectors import Decision, Detector, DetectorError, make_detector
+from server.detectors.feed import Feeder, Outcome
 
 if TYPE_CHECKING:
     from server.detectors.segment import Stage
@@ -287,13 +292,12 @@ def build_detector(name: str, settings: dict[str, Any], recording: Recording) ->
         raise ReplayError(str(exc)) from None
 
 
-def replay(detector: Detector[Any], recording: Recording) -> Iterable[Decision]:
-    """Feed every point to ``detector``, telling it of each change of the recorded LR; yield its decisions."""
-    lrs = recording.lrs
-    for i, (step, value) in enumerate(zip(recording.steps, recording.values, strict=True)):
-        if lrs is not None and i > 0 and lrs[i] != lrs[i - 1]:
-            detector.set_lr(lrs[i])
-        yield from detector.update(step, value)
+def replay(detector: Detector[Any], recording: Recording, *, assume: Outcome = "applied") -> list[Decision]:
+    """Feeds every point to ``detector`` through the live feeding loop; returns its decisions."""
+    feeder = Feeder(detector, outcome=assume)
+    points = [(step, value, None) for step, value in zip(recording.steps, recording.values, strict=True)]
+    lrs = [] if recording.lrs is None else list(zip(recording.steps, recording.lrs, strict=True))
+    return feeder.feed(points, lrs)
 
 
 def _json_safe(x: Any) -> Any:
@@ -443,6 +447,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"tag or column holding the learning rate; default: {DEFAULT_LR_NAME!r} when present",
     )
+    parser.add_argument(
+        "--assume",
+        choices=["applied", "observed", "logged"],
+        default="applied",
+        help="what became of each decision: applied at its step (default), only observed (a live observe-mode "
+        "run), or applied where the recorded LR next changes (a live auto-mode run)",
+    )
     parser.add_argument("--plot", metavar="FILE.html", type=Path, help="also write a self-contained plotly figure")
 
 
@@ -468,11 +479,10 @@ def _run(args: argparse.Namespace) -> None:
         raise ReplayError(f"--plot {plot}: directory {plot.parent} does not exist")
     recording = load_recording(Path(args.input), args.key or args.tag, args.lr_tag)
     detector = build_detector(args.detector, settings, recording)
-    decisions = []
-    for decision in replay(detector, recording):
-        decisions.append(decision)
+    decisions = replay(detector, recording, assume=args.assume)
+    for decision in decisions:
         sys.stdout.write(decision_line(decision) + "\n")
-        sys.stdout.flush()
+    sys.stdout.flush()
     if plot is not None:
         from server.detectors.segment import segment
 

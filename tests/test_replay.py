@@ -24,6 +24,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from server.cli import main
 from server.detectors import make_detector
+from server.detectors.feed import Feeder
 from server.replay import _plot_indices
 
 STAGEWATCH = Path(sys.executable).parent / "stagewatch"
@@ -71,14 +72,12 @@ def recorded_run() -> tuple[list[int], list[float], list[float]]:
 def expected_decisions(
     name: str, params: dict[str, Any], steps: Sequence[int], values: Sequence[float], lrs: Sequence[float] | None
 ) -> list[dict[str, Any]]:
-    """The detector fed in-process, told of each recorded LR change before the point that shows it."""
+    """The detector fed in-process by the shared loop: this checks the command line's reading of the file and its
+    output, not the loop itself (tests/test_replay_matches_live.py compares replay with the live server)."""
     detector = make_detector(name, {**params, **({"initial_lr": lrs[0]} if lrs else {})})
-    out: list[dict[str, Any]] = []
-    for i, (step, value) in enumerate(zip(steps, values, strict=True)):
-        if lrs is not None and i > 0 and lrs[i] != lrs[i - 1]:
-            detector.set_lr(lrs[i])
-        out.extend(json.loads(json.dumps(d.to_dict())) for d in detector.update(step, value))
-    return out
+    points = [(step, value, None) for step, value in zip(steps, values, strict=True)]
+    made = Feeder(detector).feed(points, list(zip(steps, lrs, strict=True)) if lrs else [])
+    return [json.loads(json.dumps(d.to_dict())) for d in made]
 
 
 def settings(params: dict[str, Any]) -> list[str]:

@@ -87,13 +87,14 @@ def load_feeder(row: DetectorState, outcome: Outcome) -> Feeder:
     """The run's detector and its feeding position, as the last pass left them."""
     detector = build_detector(row.config)
     state = row.state or {}
+    if not state:
+        return Feeder(detector, FeedState(), outcome=outcome)
     if "feed" in state:
         if state["detector"]:
             detector.load_state_dict(state["detector"])
         feed = FeedState.from_dict(state["feed"])
     else:  # written before the feeder existed: the detector's state alone, fed up to row.last_step
-        if state:
-            detector.load_state_dict(state)
+        detector.load_state_dict(state)
         feed = FeedState(last_step=row.last_step)
     return Feeder(detector, feed, outcome=outcome)
 
@@ -328,8 +329,8 @@ def _process_run(session: Session, run_id: int) -> PassResult:
             rebuilt = Feeder(build_detector(config), outcome="observed")
             _feed_detector(session, run, row, rebuilt, emit=False)
             _save_feeder(row, rebuilt)
+        feeder = load_feeder(row, _outcome(run))  # before the summaries move row.last_step
         _follow_metric(session, run, row, stages, str(config.get("metric", "epoch/train_loss")))
-        feeder = load_feeder(row, _outcome(run))
         result = _feed_detector(session, run, row, feeder, emit=True)
         _save_feeder(row, feeder)
     row.updated_at = utcnow()
