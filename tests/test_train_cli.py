@@ -189,6 +189,12 @@ def test_train_help_needs_no_server(tmp_path: Path) -> None:
 QUICK_DETECTOR = ("min_stage=5", "confirm=1", "min_window_blocks=3", "max_decays=1")
 
 
+def caught_up(client: httpx.Client, run_id: int) -> bool:
+    progress = client.get(f"/api/v1/runs/{run_id}/detection", params={"wait": 30}).json()
+    caught: bool = progress["caught_up"]
+    return caught
+
+
 def detector_args(*params: str) -> list[str]:
     return [arg for param in params for arg in ("--detector-param", param)]
 
@@ -198,9 +204,10 @@ def test_train_autodecay_auto_mode_applies_the_servers_decay(
 ) -> None:
     result = train(
         tmp_path, "--recipe", "mnist1d-cnn", "--schedule", "autodecay", "--epochs", "12", "--num-samples", "1000",
-        "--batch-size", "25", *detector_args(*QUICK_DETECTOR), "--server", server.url,
+        "--batch-size", "25", *detector_args(*QUICK_DETECTOR), "--server", server.url, "--sync-detection",
     )  # fmt: skip
     run_id = run_id_of(result)
+    assert caught_up(client, run_id)
     run = client.get(f"/api/v1/runs/{run_id}").json()
     assert (run["mode"], run["detector"]["name"], run["config"]["schedule"]) == ("auto", "autodecay", "autodecay")
     params = {"preset": "epoch", "z": 0.5, "mode": "max", "min_stage": 5, "confirm": 1, "min_window_blocks": 3}
@@ -228,6 +235,7 @@ def test_train_plateau_and_observe_mode(server: LiveServer, client: httpx.Client
         "--batch-size", "25", *detector_args(*QUICK_DETECTOR), "--server", server.url,
     )  # fmt: skip
     run_id = run_id_of(result)
+    assert caught_up(client, run_id)  # detection runs after ingest: read its decisions once it has caught up
     run = client.get(f"/api/v1/runs/{run_id}").json()
     assert (run["mode"], run["config"]["schedule"]) == ("observe", "plateau")
     # In observe mode the detector's decisions are only recorded: the LR is the plateau schedule's alone,

@@ -63,6 +63,15 @@ class Client:
             timeout=httpx.Timeout(read, connect=timeout.connect),
         )
 
+    def get_detection(self, run_id: int, *, wait: float) -> httpx.Response:
+        """Live detection's progress on the run; with ``wait``, once it has caught up with what is stored."""
+        timeout = self._http.timeout
+        return self._http.get(
+            f"{API}/runs/{run_id}/detection",
+            params={"wait": wait},
+            timeout=httpx.Timeout((timeout.read or 10.0) + wait, connect=timeout.connect),
+        )
+
     def get_rewinds(self, run_id: int, *, after: int) -> httpx.Response:
         return self._http.get(f"{API}/runs/{run_id}/rewinds", params={"after": after})
 

@@ -101,9 +101,14 @@ def fit(
     epochs: int,
     optimizer: torch.optim.Optimizer,
     log: Callable[[str], None] = lambda line: None,
+    sync_detection: bool = False,
 ) -> FitResult:
     """Trains ``task.model`` for up to ``epochs`` epochs with ``optimizer`` under ``schedule`` (see the
-    module doc), logging to ``run`` and applying its commands; ``log`` receives one line per epoch."""
+    module doc), logging to ``run`` and applying its commands; ``log`` receives one line per epoch.
+
+    ``sync_detection``: after each epoch, wait until the server's detection has examined the epoch's points and
+    the job holds the commands they led to (:meth:`trainer.run.Run.sync_detection`), so that a decision lands
+    at the same epoch on a fast or a loaded machine: for tests and benchmarks, at the cost of a round trip."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     model = task.model
@@ -148,6 +153,8 @@ def fit(
             epoch=float(completed),
             urgent=True,  # the server's detector watches these: its decision can apply in the next epoch
         )
+        if sync_detection and not run.sync_detection():
+            log(f"stagewatch train: run {run.id}: the server's detection did not catch up; going on")
         log(
             f"epoch {completed}/{epochs}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
             f"test accuracy {test_acc:.3f}  lr {applier.current_lr():.3g}"

@@ -389,6 +389,29 @@ class Run:
             raise RunStateError("cannot flush a run that has not been opened")
         return self._sender.flush(timeout)
 
+    def sync_detection(self, timeout: float = 30.0) -> bool:
+        """Waits until the server has stored every point logged so far, its live detection has examined them,
+        and this job holds every command that produced (they are then in :meth:`pending_commands`). Blocks the
+        caller: for tests and benchmarks that need a decision to land at the same step on any machine. Returns
+        ``False`` if that did not happen within ``timeout`` seconds (nothing is lost: it just did not wait)."""
+        sender, client = self._sender, self._client
+        if sender is None or client is None or self.state is not RunState.OPENED:
+            raise RunStateError("cannot sync detection of a run that is not open")
+        deadline = time.monotonic() + timeout
+        if not sender.flush(timeout) or self.id is None:
+            return False
+        try:
+            response = client.get_detection(self.id, wait=max(0.0, min(60.0, deadline - time.monotonic())))
+            if response.status_code != 200 or not response.json().get("caught_up"):
+                return False
+            response = client.get_commands(self.id, after=self._inbox.last_id, wait=0)
+            if response.status_code != 200:
+                return False
+            self._inbox.add_json(response.json().get("data") or [], run_id=self.id)
+        except (httpx.TransportError, ValueError):
+            return False
+        return True
+
     def checkpoint(self, timeout: float = 5.0) -> bool:
         """Makes every point logged so far survive a crash of this process: waits up to ``timeout`` for the
         server to store them, then writes whatever it has not stored to the spool (on disk), where the next

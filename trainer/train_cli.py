@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token", default=os.environ.get("STAGEWATCH_TOKEN"), help="worker token (default: $STAGEWATCH_TOKEN)"
     )
+    parser.add_argument(
+        "--sync-detection",
+        action="store_true",
+        help="after each epoch wait for the server's detection and its commands: decisions land at the same epoch "
+        "on any machine (reproducible tests and benchmarks; costs a round trip per epoch)",
+    )
     parser.add_argument("--name", default=None, help="run name (default: the recipe and schedule)")
     parser.add_argument("--project", default="default", help="project of the run (default: default)")
     vision = parser.add_argument_group("resnet18 recipe (needs the 'vision' extra: torchvision)")
@@ -267,7 +273,15 @@ def _train(args: argparse.Namespace) -> int:
     ) as run:
         plan = f"{name}, {args.epochs} epochs, {task.steps_per_epoch} steps/epoch, mode {args.mode}"
         _out(f"stagewatch train: run {run.id} ({plan}) on {args.server}")
-        result = fit(task, run, schedule=args.schedule, epochs=args.epochs, optimizer=optimizer, log=_out)
+        result = fit(
+            task,
+            run,
+            schedule=args.schedule,
+            epochs=args.epochs,
+            optimizer=optimizer,
+            log=_out,
+            sync_detection=args.sync_detection,
+        )
     _out(
         f"stagewatch train: run {run.id} {'stopped' if result.stopped else 'finished'}: {result.epochs} epochs, "
         f"{result.steps} steps, test loss {result.test_loss:.4f}, test accuracy {result.test_accuracy:.3f}"
