@@ -314,6 +314,11 @@ class DecisionPublic(BaseModel):
     history: list[Transition]
     created_at: dt.datetime
     updated_at: dt.datetime
+    auto_approve_at: dt.datetime | None = Field(
+        default=None,
+        description="A waiting proposal of an approve-mode run with `auto_approve_after_s`: when it will be approved "
+        "if nobody decides first (approving, rejecting or overriding before then wins).",
+    )
 
 
 class DecideRequest(Strict):

@@ -395,10 +395,12 @@ def test_approve_with_a_click_and_the_workers_lr_changes(server: LiveServer, tab
 
 def test_an_override_sets_the_lr_typed_in(server: LiveServer, tab: Tab, tmp_path: Path) -> None:
     page = tab.page
-    with start(server, tmp_path, "approve") as run:
+    with start(server, tmp_path, "approve", auto_approve_after_s=3600) as run:
         worker = CurveWorker(server, run)
         proposal = until_proposal(server, worker)
         open_run(page, server, run.id)
+        # The proposal says when nobody deciding would approve it; overriding first wins.
+        expect(page.locator("#auto-approve-countdown")).to_contain_text("Approved automatically in 60 min")
         page.get_by_label("New LR").fill("0.02")
         page.get_by_role("button", name="Override with this LR").click()
         wait_until(lambda: decision_status(server, run.id, proposal["id"])["status"] != "proposed", "the override")

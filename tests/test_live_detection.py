@@ -9,6 +9,7 @@ about 8 epochs after it began. The worker and the server are synchronised at eac
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import time
@@ -23,7 +24,9 @@ import torch
 import trainer
 from server.app import create_app
 from server.db import make_engine, make_session_factory, transaction
+from server.models import Decision, Run
 from server.settings import Settings
+from server.store.decisions import auto_approve_at
 from server.store.tokens import create_token
 from tests.conftest import LiveServer
 from trainer.torch import CommandApplier
@@ -291,6 +294,31 @@ def progress(server: LiveServer, run_id: int | None) -> dict[str, Any]:
     body: dict[str, Any] = response.json()
     assert body["caught_up"], body
     return body
+
+
+def test_a_waiting_proposal_says_when_it_will_be_auto_approved_and_acting_first_wins(
+    server: LiveServer, client: httpx.Client, tmp_path: Path
+):
+    with start(server, tmp_path, "approve", auto_approve_after_s=3600) as run:
+        worker = CurveWorker(server, run)
+        worker.train_until(lambda: bool(decisions(server, run.id)))
+        (proposal,) = decisions(server, run.id)
+        created = dt.datetime.fromisoformat(proposal["created_at"])
+        due = dt.datetime.fromisoformat(proposal["auto_approve_at"])
+        assert (due - created).total_seconds() == pytest.approx(3600)
+        approved = client.post(f"/api/v1/runs/{run.id}/decisions/{proposal['id']}/approve", json={})
+        assert approved.status_code == 200 and approved.json()["auto_approve_at"] is None
+    (decision,) = decisions(server, run.id)[:1]
+    assert statuses(decision["history"])[1] == ("approved", "local")
+
+
+def test_an_auto_approval_delay_past_the_calendar_means_never() -> None:
+    """Not an OverflowError that would stop the sweep of every run."""
+    now = dt.datetime.now(dt.UTC)
+    decision = Decision(status="proposed", created_at=now)
+    assert auto_approve_at(decision, Run(mode="approve", auto_approve_after_s=1e12)) is None
+    assert auto_approve_at(decision, Run(mode="approve", auto_approve_after_s=60.0)) == now + dt.timedelta(seconds=60)
+    assert auto_approve_at(decision, Run(mode="auto", auto_approve_after_s=60.0)) is None
 
 
 def test_a_proposal_left_waiting_is_never_superseded_by_its_own_shadow(

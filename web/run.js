@@ -279,6 +279,24 @@ function renderDecision() {
   body.replaceChildren(...proposalView(pending).filter(Boolean));
 }
 
+// "Approved automatically in 42 s unless you decide first": ticks every second until the server's own sweep
+// approves it (the live decision event then replaces the panel).
+let countdownTimer = null;
+function autoApproveCountdown(d) {
+  const el = h("p", { class: "notice", id: "auto-approve-countdown" });
+  const due = Date.parse(d.auto_approve_at);
+  const tick = () => {
+    const left = Math.max(0, Math.round((due - Date.now()) / 1000));
+    el.textContent = left > 0
+      ? `Approved automatically in ${left >= 120 ? `${Math.round(left / 60)} min` : `${left} s`} unless you decide first.`
+      : "Being approved automatically now…";
+  };
+  tick();
+  clearInterval(countdownTimer);
+  countdownTimer = setInterval(() => (el.isConnected ? tick() : clearInterval(countdownTimer)), 1000);
+  return el;
+}
+
 function proposalView(d) {
   const ev = d.evidence || {};
   const currentLr = data.run.latest[data.run.detector?.lr_key || "lr"];
@@ -309,6 +327,7 @@ function proposalView(d) {
         `#${d.id} by ${d.source}${d.step !== null ? ` at step ${fmtInt(d.step)}` : ""}, `,
         ago(seconds(d.created_at)))),
     ev.explanation ? h("p", { class: "explanation", id: "proposal-explanation" }, ev.explanation) : null,
+    d.auto_approve_at ? autoApproveCountdown(d) : null,
     h("dl", { class: "evidence", "aria-label": "Evidence" },
       ev.statistic !== undefined ? [h("dt", {}, "Statistic"), h("dd", {}, ev.statistic)] : null,
       ev.value !== undefined ? [

@@ -14,6 +14,7 @@ from server.db import transaction
 from server.routes.metrics import MAX_STEP
 from server.schemas import DecisionPublic, DetectionProgress, StagePublic
 from server.state import AppState, State
+from server.store import decisions
 from server.store.history import detection_progress, list_decisions, list_stages
 from server.store.runs import get_run
 
@@ -31,7 +32,7 @@ def read_stages(run_id: int, state: State, _: Viewer) -> list[StagePublic]:
 def read_decisions(run_id: int, state: State, _: Viewer) -> list[DecisionPublic]:
     with transaction(state.sessions) as session:
         get_run(session, run_id)
-        return [DecisionPublic.model_validate(d, from_attributes=True) for d in list_decisions(session, run_id)]
+        return [decisions.public(d) for d in list_decisions(session, run_id)]
 
 
 # Detection runs in its own thread after ingest; a waiting client re-reads the progress this often.

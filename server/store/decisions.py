@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from server.errors import Conflict, NotFound
 from server.models import Decision, Run, utcnow
@@ -32,7 +32,12 @@ NOT_APPLIED = ("rejected", "expired", "superseded", "observed")
 
 
 def public(decision: Decision) -> DecisionPublic:
-    return DecisionPublic.model_validate(decision, from_attributes=True)
+    out = DecisionPublic.model_validate(decision, from_attributes=True)
+    if decision.status == WAITING:
+        session = object_session(decision)
+        run = session.get(Run, decision.run_id) if session is not None else None  # in the identity map: no query
+        out.auto_approve_at = auto_approve_at(decision, run) if run is not None else None
+    return out
 
 
 def transition(session: Session, decision: Decision, status: str, *, actor: str, note: str = "", **extra: Any) -> None:
@@ -184,10 +189,20 @@ def due_for_auto_approval(
     rows = session.execute(query).all()
     out: list[tuple[Decision, Run]] = []
     for decision, run in rows:
-        assert run.auto_approve_after_s is not None
-        if decision.created_at + dt.timedelta(seconds=run.auto_approve_after_s) <= now:
+        due = auto_approve_at(decision, run)
+        if due is not None and due <= now:
             out.append((decision, run))
     return out
+
+
+def auto_approve_at(decision: Decision, run: Run) -> dt.datetime | None:
+    """When a waiting proposal of an approve-mode run is approved if nobody decides; None: never."""
+    if decision.status != WAITING or run.mode != "approve" or run.auto_approve_after_s is None:
+        return None
+    try:
+        return decision.created_at + dt.timedelta(seconds=run.auto_approve_after_s)
+    except OverflowError:  # a delay past the calendar's end: never, and no error for the sweep of every run
+        return None
 
 
 def record_hold(
