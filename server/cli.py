@@ -143,6 +143,23 @@ class DemoWorker:
             popen.wait(timeout=WORKER_STOP_TIMEOUT_S)
 
 
+DEMO_AUTO_APPROVE_S = 60.0
+
+
+def demo_worker_command(base_url: str, *, auto_approve_after_s: float = DEMO_AUTO_APPROVE_S) -> list[str]:
+    """The demo's worker: MNIST-1D with AutoDecay in approve mode, a proposal nobody decides on approved after a
+    minute. One place, so that the end-to-end test of the demo's story runs exactly these settings."""
+    return [
+        sys.executable, "-m", "server.cli", "train",
+        "--recipe", "mnist1d-cnn",
+        "--schedule", "autodecay",
+        "--mode", "approve",
+        "--auto-approve-after", f"{auto_approve_after_s:g}",
+        "--epochs", "100",
+        "--server", base_url,
+    ]  # fmt: skip
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # Local demo: embedded SQLite on loopback, no tokens needed, and a real worker training MNIST-1D.
     settings = Settings(database_url=args.db or embedded_database_url(), host="127.0.0.1", port=args.port, auth=False)
@@ -153,27 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"stagewatch demo: no worker ({', '.join(missing)} not installed: pip install '.[train]')")
         return _serve(settings, embedded=True)
     base_url = f"http://127.0.0.1:{args.port}"
-    worker = DemoWorker(
-        base_url,
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "train",
-            "--recipe",
-            "mnist1d-cnn",
-            "--schedule",
-            "autodecay",
-            "--mode",
-            "approve",
-            "--auto-approve-after",
-            "60",
-            "--epochs",
-            "100",
-            "--server",
-            base_url,
-        ],
-    )
+    worker = DemoWorker(base_url, demo_worker_command(base_url))
     # uvicorn re-raises SIGTERM once it has shut down; make that an exception so that `finally` stops the worker.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
