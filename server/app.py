@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import event
 
 import web
 from server import __version__
@@ -22,6 +22,7 @@ from server.migrate import check_schema
 from server.routes import commands, decisions, health, history, metrics, runs, stream
 from server.settings import Settings
 from server.state import AppState
+from server.store import changes
 
 API_DESCRIPTION = """Stagewatch records training runs (metrics, stages, learning-rate decisions) and serves them.
 
@@ -41,21 +42,22 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
         raise
     state = AppState(settings=settings, engine=engine, sessions=make_session_factory(engine), schema_revision=revision)
 
+    # One hook acts on every commit (wakes streams, long-polls and detection): see server.store.changes.
+    event.listen(state.sessions, "after_commit", state.after_commit)
+    event.listen(state.sessions, "after_rollback", changes.take)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Live detection runs in its own thread; what it commits wakes waiters on this loop.
-        loop = asyncio.get_running_loop()
-
-        def on_change(run_id: int, command: bool) -> None:
-            loop.call_soon_threadsafe(functools.partial(state.announce, run_id, command=command))
-
-        state.live = LiveDetection(state.sessions, on_change)
+        # Waiters wait on this loop; live detection runs in its own thread.
+        state.loop = asyncio.get_running_loop()
+        state.live = LiveDetection(state.sessions)
         state.live.start()
         try:
             yield
         finally:
             state.live.stop()
             state.live = None
+            state.loop = None
 
     app = FastAPI(title="Stagewatch", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
     app.state.stagewatch = state

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import anyio.from_thread
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.live.engine import LiveDetection
 from server.settings import Settings
+from server.store import changes
 from server.wakeups import Wakeups
 
 ALL_RUNS = 0  # the live-feed wakeup key of "any run" (run ids start at 1)
@@ -27,6 +29,7 @@ class AppState:
     wakeups: Wakeups = field(default_factory=Wakeups)  # a run's worker long-polling for commands
     feed: Wakeups = field(default_factory=Wakeups)  # live-event streams, per run and ALL_RUNS
     live: LiveDetection | None = None  # started with the app (lifespan)
+    loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, where waiters wait (lifespan)
 
     @property
     def grace(self) -> dt.timedelta:
@@ -40,9 +43,21 @@ class AppState:
         self.feed.wake(run_id)
         self.feed.wake(ALL_RUNS)
 
-    def announce_from_thread(self, run_id: int, *, command: bool = False) -> None:
-        """``announce`` from a sync route handler (a worker thread of the event loop)."""
-        anyio.from_thread.run_sync(lambda: self.announce(run_id, command=command))
+    def after_commit(self, session: Session) -> None:
+        """The one place that acts on a commit (a listener on the session factory; see ``server.store.changes``):
+        wakes the changed runs' streams and long-polls on the event loop, and queues a detection pass."""
+        changed = changes.take(session)
+        if changed is None:
+            return
+        live = self.live
+        if live is not None and not session.info.get(changes.DETECTING):
+            for run_id in changed.runs:
+                live.notify(run_id)
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        for run_id in changed.runs | changed.commands:
+            loop.call_soon_threadsafe(functools.partial(self.announce, run_id, command=run_id in changed.commands))
 
 
 def app_state(request: Request) -> AppState:

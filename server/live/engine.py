@@ -1,9 +1,10 @@
 """The thread that runs live detection, off the request path.
 
-Ingest commits the points and calls :meth:`LiveDetection.notify`; this thread then runs a pass
-(:func:`server.live.detection.process_run`) for each run that has news, one run at a time, each pass in its
-own write transaction. After a pass that approved a command or changed what subscribers see, ``on_change``
-is called with the run's id (the app wakes the worker's long-poll and the live-event streams).
+Every commit that changes a run (ingest, a decision's transition, a run update) calls
+:meth:`LiveDetection.notify` through the app's after-commit hook (``server.store.changes``); this thread then
+runs a pass (:func:`server.live.detection.process_run`) for each run that has news, one run at a time, each pass
+in its own write transaction. What a pass commits wakes the worker's long-poll and the live-event streams
+through the same hook (and queues no further pass).
 
 Every ``sweep_s`` it also approves proposals whose run's ``auto_approve_after_s`` has passed. At start it
 queues every run with a detector, so a restarted server catches up on points it has not processed.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,17 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.db import transaction
 from server.live.detection import process_run
 from server.models import Run, utcnow
-from server.store import decisions
+from server.store import changes, decisions
 
 logger = logging.getLogger("stagewatch.live")
 
 
 class LiveDetection:
-    def __init__(
-        self, sessions: sessionmaker[Session], on_change: Callable[[int, bool], None], *, sweep_s: float = 0.5
-    ) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, sweep_s: float = 0.5) -> None:
         self._sessions = sessions
-        self._on_change = on_change  # (run_id, new_command)
         self._sweep_s = sweep_s
         self._dirty: dict[int, None] = {}  # insertion-ordered set
         self._cond = threading.Condition()
@@ -99,20 +96,16 @@ class LiveDetection:
         # Not durable on Postgres: a pass lost in a crash is redone identically from the stored points, and the
         # worker only sees a command after the (durable) commit of its delivery.
         with transaction(self._sessions, write=True, durable=False) as session:
-            result = process_run(session, run_id)
-        if result.changed or result.commands:
-            self._on_change(run_id, result.commands)
+            session.info[changes.DETECTING] = True
+            process_run(session, run_id)
 
     def _sweep(self) -> None:
         with transaction(self._sessions) as session:  # read-only first: most sweeps find nothing
             due = {run.id for _, run in decisions.due_for_auto_approval(session, utcnow())}
         for run_id in sorted(due):
             with transaction(self._sessions, write=True) as session:
+                session.info[changes.DETECTING] = True
                 run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())  # run row first
-                approved = 0
                 for decision, run in decisions.due_for_auto_approval(session, utcnow(), run_id=run_id):
                     after = f"no decision within {run.auto_approve_after_s:g} s"
                     decisions.transition(session, decision, "approved", actor="auto-approve", note=after)
-                    approved += 1
-            if approved:
-                self._on_change(run_id, True)

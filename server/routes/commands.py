@@ -34,9 +34,6 @@ def create_command(run_id: int, data: CommandCreate, state: State, who: Operator
         run = get_run(session, run_id, for_update=True)
         command = store.create_command(session, run, data, actor=who.actor)  # supersedes what was waiting
         result = public(command)
-    if state.live is not None:
-        state.live.notify(run_id)  # a superseded proposal: its detector is told in the next pass
-    state.announce_from_thread(run_id, command=True)
     return result
 
 
@@ -81,7 +78,4 @@ def acknowledge_command(run_id: int, command_id: int, ack: CommandAck, state: St
     with transaction(state.sessions, write=True) as session:
         get_run(session, run_id, for_update=True)
         result = public(store.acknowledge(session, run_id, command_id, ack, actor=who.actor))
-    if state.live is not None:
-        state.live.notify(run_id)
-    state.announce_from_thread(run_id)
     return result

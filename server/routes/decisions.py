@@ -33,7 +33,6 @@ def approve(run_id: int, decision_id: int, data: DecideRequest, state: State, wh
         decision = decisions.get_decision(session, run_id, decision_id)
         decisions.approve(session, decision, actor=who.actor, reason=data.reason)
         result = decisions.public(decision)
-    state.announce_from_thread(run_id, command=True)
     return result
 
 
@@ -49,9 +48,6 @@ def reject(run_id: int, decision_id: int, data: RejectRequest, state: State, who
         if backoff is not None:
             detection.hold(session, run, epochs=backoff.epochs, steps=backoff.steps)
         result = decisions.public(decision)
-    if state.live is not None:
-        state.live.notify(run_id)  # the next pass tells the detector, which starts the stage again
-    state.announce_from_thread(run_id)
     return result
 
 
@@ -63,7 +59,6 @@ def override(run_id: int, decision_id: int, data: OverrideRequest, state: State,
         decision = decisions.get_decision(session, run_id, decision_id)
         decisions.override(session, decision, actor=who.actor, factor=data.factor, lr=data.lr, reason=data.reason)
         result = decisions.public(decision)
-    state.announce_from_thread(run_id, command=True)
     return result
 
 
@@ -75,5 +70,4 @@ def hold(run_id: int, data: HoldRequest, state: State, who: Operator) -> HoldPub
         row = detection.hold(session, run, epochs=data.epochs, steps=data.steps)
         decisions.record_hold(session, run, actor=who.actor, epochs=data.epochs, steps=data.steps, reason=data.reason)
         result = HoldPublic(run_id=run_id, hold_until_step=row.hold_until_step, hold_until_epoch=row.hold_until_epoch)
-    state.announce_from_thread(run_id)
     return result

@@ -92,12 +92,8 @@ async def ingest_metrics(run_id: int, request: Request, state: State, _: Worker)
     # The body is validated straight from bytes by pydantic-core: 5x faster than FastAPI's
     # parse-then-validate path, which is most of the cost of a 10,000-point batch.
     body = await request.body()
-    result = await run_in_threadpool(_ingest, state, run_id, body)
-    if result.inserted:
-        if state.live is not None:
-            state.live.notify(run_id)  # detection runs in its own thread, after this response
-        state.announce(run_id)
-    return result
+    # Its commit wakes live detection and the run's streams (server.store.changes): nothing to do here.
+    return await run_in_threadpool(_ingest, state, run_id, body)
 
 
 @router.post("/{run_id}/rewind", response_model=RewindResult)
@@ -110,9 +106,6 @@ def rewind_run(run_id: int, data: RewindRequest, state: State, who: Worker) -> R
         forget(session, run_id)
         add_feed_event(session, run_id, "run", {"change": "rewind", "step": data.step})
         result = RewindResult(event_id=outcome.event_id, step=data.step, removed=outcome.removed)
-    if state.live is not None:
-        state.live.notify(run_id)
-    state.announce_from_thread(run_id)
     return result
 
 

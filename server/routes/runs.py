@@ -50,7 +50,6 @@ def create_run(data: RunCreate, state: State, who: Worker, response: Response) -
     if not created:
         response.status_code = status.HTTP_200_OK
         return result
-    state.announce_from_thread(result.id)
     return result
 
 
@@ -91,10 +90,6 @@ def update_run(run_id: int, data: RunUpdate, state: State, who: Worker) -> RunPu
     with transaction(state.sessions, write=True) as session:
         run = store.update_run(session, store.get_run(session, run_id, for_update=True), data, actor=who.actor)
         result = store.to_public(session, [run], grace=state.grace)[0]
-    if state.live is not None:
-        state.live.notify(run_id)
-    # A status change ends the worker's command long-poll of a run that is no longer running.
-    state.announce_from_thread(run_id, command="status" in data.model_fields_set)
     return result
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, object_session
 from server.errors import Conflict, NotFound
 from server.models import Decision, Run, utcnow
 from server.schemas import DecisionPublic
+from server.store.changes import mark
 from server.store.events import record_event
 from server.store.feed import add_feed_event
 
@@ -49,6 +50,8 @@ def transition(session: Session, decision: Decision, status: str, *, actor: str,
     decision.updated_at = now
     if status == "delivered":
         decision.delivered_at = now
+    if status == "approved":
+        mark(session, decision.run_id, command=True)  # a command for the worker's long-poll
     session.flush()
     record_event(
         session,

@@ -8,13 +8,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.models import FeedEvent
+from server.store.changes import mark
 
 FEED_KINDS = ("points", "decision", "stage", "run")
 
 
 def add_feed_event(session: Session, run_id: int, kind: str, payload: dict[str, Any]) -> None:
-    """Appends one event; it becomes visible to subscribers when the transaction commits."""
+    """Appends one event; it becomes visible to subscribers -- and they are woken -- when the transaction commits."""
     session.add(FeedEvent(run_id=run_id, kind=kind, payload=payload))
+    mark(session, run_id)
 
 
 def read_feed(session: Session, *, after: int, run_id: int | None = None, limit: int = 500) -> list[FeedEvent]:

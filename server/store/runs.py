@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from server.errors import Invalid, run_not_found
 from server.models import Run, RunTag, Series, Stage, utcnow
 from server.schemas import CurrentStage, LatestValue, RunCreate, RunPublic, RunUpdate, encode_stored_value, encode_value
+from server.store.changes import mark
 from server.store.decisions import expire_proposals, pending_proposals
 from server.store.events import record_event
 from server.store.feed import add_feed_event
@@ -108,6 +109,7 @@ def update_run(session: Session, run: Run, data: RunUpdate, *, actor: str) -> Ru
         if data.status is None:
             raise Invalid("status: cannot be null")
         before["status"], run.status = run.status, data.status
+        mark(session, run.id, command=True)  # a long-poll of a run that ended answers at once
         # A run that ended and reports running again (resumed from a checkpoint) is alive again.
         run.ended_at = None if data.status == "running" else now
         if data.status == "running":
