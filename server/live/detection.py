@@ -26,23 +26,20 @@ decides only on points to come.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from server.detectors import Decision as DetectorDecision
 from server.detectors import Detector, make_detector
 from server.detectors.feed import Feeder, FeedState, Outcome
-from server.errors import Invalid
-from server.models import Decision, DetectorState, MetricPoint, Run, Series, Stage, utcnow
+from server.models import DetectorState, Run, Stage, utcnow
 from server.schemas import StagePublic
 from server.store import decisions
+from server.store import detection as store
+from server.store.detection import CHUNK
 from server.store.feed import add_feed_event
-
-CHUNK = 20_000  # points read per query; a pass loops until it has seen all of them
 
 
 @dataclass
@@ -52,27 +49,6 @@ class PassResult:
     commands: bool = False
     changed: bool = False
     decisions: list[int] = field(default_factory=list)
-
-
-def _series_id(session: Session, run_id: int, key: str) -> int | None:
-    """The id of a run's series, looked up once per pass (``session.info`` lives as long as the pass)."""
-    cache: dict[tuple[int, str], int | None] = session.info.setdefault("stagewatch_series_ids", {})
-    if (run_id, key) not in cache:
-        cache[run_id, key] = session.scalar(select(Series.id).where(Series.run_id == run_id, Series.key == key))
-    return cache[run_id, key]
-
-
-def _points_after(
-    session: Session, series_id: int | None, after: int | None, *, upto: int | None = None, limit: int = CHUNK
-) -> Sequence[Any]:
-    if series_id is None:
-        return []
-    query = select(MetricPoint.step, MetricPoint.value, MetricPoint.epoch).where(MetricPoint.series_id == series_id)
-    if after is not None:
-        query = query.where(MetricPoint.step > after)
-    if upto is not None:
-        query = query.where(MetricPoint.step <= upto)
-    return session.execute(query.order_by(MetricPoint.step).limit(limit)).all()
 
 
 def _lr_key(run: Run) -> str:
@@ -119,13 +95,7 @@ class _Stages:
     def __init__(self, session: Session, run_id: int, from_step: int | None) -> None:
         self.session = session
         self.run_id = run_id
-        query = select(Stage).where(Stage.run_id == run_id)
-        if from_step is not None:
-            query = query.where(or_(Stage.end_step.is_(None), Stage.end_step >= from_step))
-        self.rows = list(session.scalars(query.order_by(Stage.index)))
-        if not self.rows and from_step is not None:  # all closed before from_step: continue the numbering
-            last = session.scalar(select(Stage).where(Stage.run_id == run_id).order_by(Stage.index.desc()).limit(1))
-            self.rows = [last] if last is not None else []
+        self.rows = store.touchable_stages(session, run_id, from_step)
         self.touched: dict[int, Stage] = {}  # by index: the rows this pass changed
 
     def open(self, start_step: int, lr: float | None, source: str) -> Stage:
@@ -142,7 +112,7 @@ class _Stages:
             summary={},
             created_at=utcnow(),
         )
-        self.session.add(stage)
+        self.session.add(stage)  # ORM: a new row of this pass's transaction
         self.rows.append(stage)
         self.touched[stage.index] = stage
         return stage
@@ -178,9 +148,9 @@ class _Stages:
 
 def _follow_lr(session: Session, run: Run, row: DetectorState, stages: _Stages) -> None:
     """Stages from the logged LR: every change of value opens a new stage."""
-    lr_series = _series_id(session, run.id, _lr_key(run))
+    lr_series = store.series_id(session, run.id, _lr_key(run))
     while True:
-        points = _points_after(session, lr_series, row.lr_step)
+        points = store.points_after(session, lr_series, row.lr_step)
         for step, value, _epoch in points:
             row.lr_step = step
             if value is None or not math.isfinite(value):
@@ -236,7 +206,7 @@ def _resolve_waiting(session: Session, feeder: Feeder) -> None:
     waiting = feeder.state.waiting
     if waiting is None:
         return
-    decision = session.get(Decision, waiting["id"]) if "id" in waiting else None
+    decision = store.decision(session, waiting["id"]) if "id" in waiting else None
     if decision is None:
         feeder.resolve(applied=False)
     elif decision.status == "applied":
@@ -247,9 +217,9 @@ def _resolve_waiting(session: Session, feeder: Feeder) -> None:
 
 def _follow_metric(session: Session, run: Run, row: DetectorState, stages: _Stages, metric: str) -> None:
     """Stage summaries from every stored monitored point; ``row.last_step`` is how far detection has looked."""
-    series = _series_id(session, run.id, metric)
+    series = store.series_id(session, run.id, metric)
     while True:
-        points = _points_after(session, series, row.last_step)
+        points = store.points_after(session, series, row.last_step)
         for step, value, _epoch in points:
             stages.add_value(metric, step, value)
             row.last_step = step
@@ -261,17 +231,17 @@ def _feed_detector(session: Session, run: Run, row: DetectorState, feeder: Feede
     """Feeds the monitored points the detector has not consumed (with the logged LR), acting on decisions."""
     result = PassResult()
     metric = str(row.config.get("metric", "epoch/train_loss"))
-    metric_series = _series_id(session, run.id, metric)
-    lr_series = _series_id(session, run.id, _lr_key(run))
+    metric_series = store.series_id(session, run.id, metric)
+    lr_series = store.series_id(session, run.id, _lr_key(run))
     while True:
         _resolve_waiting(session, feeder)
         if feeder.waiting:
             return result
         after = feeder.state.last_step
-        points = _points_after(session, metric_series, after)
+        points = store.points_after(session, metric_series, after)
         if not points:
             return result
-        lrs = _points_after(session, lr_series, after, upto=points[-1][0], limit=10 * CHUNK)
+        lrs = store.points_after(session, lr_series, after, upto=points[-1][0], limit=10 * CHUNK)
         made = feeder.feed(
             points,
             [(step, value) for step, value, _epoch in lrs],
@@ -283,10 +253,6 @@ def _feed_detector(session: Session, run: Run, row: DetectorState, feeder: Feede
                 _on_decision(session, run, feeder, decision, metric, result)
         if len(points) < CHUNK and not feeder.waiting:
             return result
-
-
-def _fresh_row(run: Run, config: dict[str, Any]) -> DetectorState:
-    return DetectorState(run_id=run.id, config=config, state={}, last_step=None, updated_at=utcnow())
 
 
 def process_run(session: Session, run_id: int) -> PassResult:
@@ -308,15 +274,11 @@ def _first_touchable(row: DetectorState, config: dict[str, Any]) -> int | None:
 
 
 def _process_run(session: Session, run_id: int) -> PassResult:
-    # The run row first, as every writer of a run does (lock order: no deadlock with an ingest on Postgres).
-    run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())
+    run = store.lock_run(session, run_id)
     if run is None:
         return PassResult()
-    row = session.get(DetectorState, run_id, with_for_update=True)
     config = dict(run.detector) if run.detector is not None else {}
-    if row is None:
-        row = _fresh_row(run, config)
-        session.add(row)
+    row = store.state_row(session, run, config)
     stages = _Stages(session, run.id, _first_touchable(row, config))
     _follow_lr(session, run, row, stages)
     result = PassResult()
@@ -336,41 +298,3 @@ def _process_run(session: Session, run_id: int) -> PassResult:
     row.updated_at = utcnow()
     result.changed = stages.publish() or bool(result.decisions)
     return result
-
-
-def forget(session: Session, run_id: int) -> None:
-    """After a rewind: stages and detector state are rebuilt from the points that remain."""
-    row = session.get(DetectorState, run_id, with_for_update=True)
-    if row is not None:
-        session.delete(row)
-    for stage in session.scalars(select(Stage).where(Stage.run_id == run_id)):
-        session.delete(stage)
-    session.flush()
-
-
-# --- operator actions on the detector -----------------------------------------------------------------------
-
-
-def _row_for_action(session: Session, run: Run) -> DetectorState:
-    row = session.get(DetectorState, run.id, with_for_update=True)
-    if row is None:
-        row = _fresh_row(run, {})
-        session.add(row)
-    return row
-
-
-def hold(session: Session, run: Run, *, epochs: float | None, steps: int | None) -> DetectorState:
-    """Stop feeding the detector for ``epochs`` or ``steps`` from the latest monitored point."""
-    row = _row_for_action(session, run)
-    metric = str((run.detector or {}).get("metric", "epoch/train_loss"))
-    series = session.scalar(select(Series).where(Series.run_id == run.id, Series.key == metric))
-    if steps is not None:
-        last = series.last_step if series is not None and series.last_step is not None else 0
-        row.hold_until_step = max(row.hold_until_step or 0, last + steps)
-    elif epochs is not None:
-        if series is None or series.last_epoch is None:
-            raise Invalid(f"epochs: the run's {metric!r} points carry no epoch yet; hold for a number of steps")
-        row.hold_until_epoch = max(row.hold_until_epoch or 0.0, series.last_epoch + epochs)
-    row.updated_at = utcnow()
-    session.flush()
-    return row

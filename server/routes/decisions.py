@@ -10,11 +10,10 @@ from fastapi import APIRouter
 from server.auth import Operator
 from server.db import transaction
 from server.errors import Invalid
-from server.live import detection
 from server.models import Run
 from server.schemas import DecideRequest, DecisionPublic, HoldPublic, HoldRequest, OverrideRequest, RejectRequest, Span
 from server.state import State
-from server.store import decisions
+from server.store import decisions, detection
 from server.store.runs import get_run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["stages and decisions"])

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Viewer, Worker
 from server.db import transaction
 from server.errors import Invalid, PayloadTooLarge, invalid_from
-from server.live.detection import forget
 from server.schemas import (
     CommandPublic,
     IngestResult,
@@ -25,6 +24,7 @@ from server.schemas import (
 from server.state import AppState, State
 from server.store import metrics as store
 from server.store.commands import take_pending
+from server.store.detection import forget
 from server.store.export import ExportFormat, export_points
 from server.store.feed import add_feed_event
 from server.store.runs import get_run
