@@ -7,6 +7,7 @@ real Postgres server (``STAGEWATCH_TEST_POSTGRES``, default 127.0.0.1:5432) in a
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -49,10 +50,43 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-@pytest.fixture
-def migrated_url(db_url: str) -> str:
-    upgrade(db_url)
-    return db_url
+def _database_url(name: str) -> str:
+    return POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The schema at head, migrated once per test session: a SQLite file and a Postgres template database.
+    Each test then gets a copy (a file copy; ``CREATE DATABASE ... TEMPLATE``), not a run of Alembic."""
+    sqlite_file = tmp_path_factory.mktemp("template") / "stagewatch.db"
+    upgrade(f"sqlite:///{sqlite_file}")
+    template = f"sw_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {template}")
+    try:
+        upgrade(_database_url(template))  # Alembic's engine is gone afterwards: a template must have no sessions
+        yield {"sqlite": str(sqlite_file), "postgres": template}
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {template} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def migrated_url(request: pytest.FixtureRequest, tmp_path: Path, migrated_templates: dict[str, str]) -> Iterator[str]:
+    """A database of its own for this test, already at the head revision."""
+    if request.param == "sqlite":
+        target = tmp_path / "stagewatch.db"
+        shutil.copyfile(migrated_templates["sqlite"], target)
+        yield f"sqlite:///{target}"
+        return
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {migrated_templates['postgres']}")
+    try:
+        yield _database_url(name)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
