@@ -71,13 +71,18 @@ def migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
             conn.execute(f"DROP DATABASE IF EXISTS {template} WITH (FORCE)")
 
 
+def sqlite_copy(migrated_templates: dict[str, str], directory: Path) -> str:
+    """A migrated SQLite database of its own in ``directory`` (for modules that test one engine only)."""
+    target = directory / "stagewatch.db"
+    shutil.copyfile(migrated_templates["sqlite"], target)
+    return f"sqlite:///{target}"
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def migrated_url(request: pytest.FixtureRequest, tmp_path: Path, migrated_templates: dict[str, str]) -> Iterator[str]:
     """A database of its own for this test, already at the head revision."""
     if request.param == "sqlite":
-        target = tmp_path / "stagewatch.db"
-        shutil.copyfile(migrated_templates["sqlite"], target)
-        yield f"sqlite:///{target}"
+        yield sqlite_copy(migrated_templates, tmp_path)
         return
     name = f"t_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:

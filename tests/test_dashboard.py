@@ -32,7 +32,7 @@ from server.app import create_app
 from server.db import make_engine, make_session_factory, transaction
 from server.settings import Settings
 from server.store.tokens import create_token
-from tests.conftest import LiveServer, make_run
+from tests.conftest import LiveServer, make_run, sqlite_copy
 from tests.test_live_detection import LR, CurveWorker, decisions, start
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,9 +45,9 @@ expect.set_options(timeout=UI_TIMEOUT_MS)
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def migrated_url(tmp_path: Path, migrated_templates: dict[str, str]) -> str:
     """SQLite only: storage is tested on both engines elsewhere; here it is the browser side."""
-    return f"sqlite:///{tmp_path / 'stagewatch.db'}"
+    return sqlite_copy(migrated_templates, tmp_path)
 
 
 @pytest.fixture(scope="session")

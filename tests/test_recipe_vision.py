@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, sqlite_copy
 from tests.test_cli import cli_env
 from tests.test_train_cli import EPOCH_KEYS, run_id_of, series
 
@@ -51,9 +51,9 @@ for split, count in (("train", 4), ("val", 2)):
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def migrated_url(tmp_path: Path, migrated_templates: dict[str, str]) -> str:
     """SQLite only: what is tested here is the worker side, the same on either engine."""
-    return f"sqlite:///{tmp_path / 'stagewatch.db'}"
+    return sqlite_copy(migrated_templates, tmp_path)
 
 
 @pytest.fixture(scope="session")

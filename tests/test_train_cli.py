@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, sqlite_copy
 from tests.test_cli import STAGEWATCH, cli_env, running, stagewatch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,9 +24,9 @@ EPOCH_KEYS = ("epoch/train_loss", "test/loss", "test/accuracy")
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def migrated_url(tmp_path: Path, migrated_templates: dict[str, str]) -> str:
     """SQLite only: what is tested here is the worker side, the same on either engine."""
-    return f"sqlite:///{tmp_path / 'stagewatch.db'}"
+    return sqlite_copy(migrated_templates, tmp_path)
 
 
 def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
