@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stagewatch-installed
 
-.PHONY: demo test lint typecheck pytest postgres bench fmt clean
+.PHONY: demo test test-fast test-deps lint typecheck pytest postgres bench fmt clean
 
 # torch is pinned first: 2.13.0 is the CPU build (a plain `torch` requirement could pull a multi-GB CUDA one).
 $(STAMP): pyproject.toml
@@ -35,7 +35,16 @@ vision-venv: $(VISION_STAMP)
 demo: $(STAMP)
 	$(BIN)/stagewatch demo
 
-test: lint typecheck pytest
+# `make test`: everything -- system packages the tests need (PostgreSQL, Chromium; apt when it can), both
+# environments, lint, types, the whole suite. `make test-fast`: lint, types and the tests not marked slow
+# (under 2 minutes on two cores), for the inner loop.
+test: test-deps lint typecheck vision-venv pytest
+
+test-fast: test-deps lint typecheck
+	$(BIN)/pytest -m "not slow" -q
+
+test-deps:
+	./.ci/ensure-test-deps
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
