@@ -18,6 +18,7 @@ import pytest
 
 from server.cli import demo_worker_command
 from tests.conftest import LiveServer
+from trainer.train_cli import DEFAULT_LR
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +44,12 @@ def test_the_demo_tells_the_whole_story(server: LiveServer, client: httpx.Client
     assert decay["evidence"]["explanation"] and decay["evidence"]["window"][1] == decay["step"]
     walk = [(h["status"], h["actor"]) for h in decay["history"]]
     assert walk[:2] == [("proposed", "detector:autodecay"), ("approved", "auto-approve")], walk
-    assert decay["status"] == "applied" and decay["applied_lr"] == pytest.approx(0.01)
+    assert decay["status"] == "applied" and decay["applied_lr"] == pytest.approx(DEFAULT_LR * 0.1)
     # Never superseded by a decision derived from it: every decision was applied.
     assert {d["status"] for d in decisions} == {"applied"}, story
     # A new stage opened at the new LR right after the step the worker applied the decay at.
-    assert stages[0]["lr"] == pytest.approx(0.1)
-    assert (stages[1]["lr"], stages[1]["start_step"]) == (pytest.approx(0.01), decay["applied_step"] + 1)
+    assert stages[0]["lr"] == pytest.approx(DEFAULT_LR)
+    assert (stages[1]["lr"], stages[1]["start_step"]) == (pytest.approx(DEFAULT_LR * 0.1), decay["applied_step"] + 1)
     # Later the last stage ended: a stop, applied, and training stopped before its 100-epoch budget.
     assert decisions[-1]["action"] == "stop", story
     assert "stopped by the server" in done.stdout

@@ -33,8 +33,9 @@ from trainer.torch import CommandApplier
 
 STEPS_PER_EPOCH = 5
 LR = 0.1
-# Small stages on a noise-free curve: a stage is judged over 6 points after it began.
-PARAMS = {"min_stage": 6, "confirm": 1, "min_window_blocks": 3, "max_decays": 2}
+# Small stages on a noise-free curve: a stage is judged over 6 points after it began, on raw points (no running
+# mean: there is no noise to average) against 20 % of its pace; each stage then lasts 8 epochs.
+PARAMS = {"min_stage": 6, "confirm": 1, "min_window_blocks": 3, "max_decays": 2, "smooth": 1, "rho": 0.2}
 DETECTOR = {"name": "autodecay", "metric": "epoch/train_loss", "params": PARAMS}
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import LiveServer, free_port, sqlite_copy
 from tests.test_cli import STAGEWATCH, cli_env, running, stagewatch
+from trainer.train_cli import DEFAULT_LR
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_TIMEOUT_S = 50
@@ -64,7 +65,7 @@ def test_train_streams_steps_and_epochs(server: LiveServer, client: httpx.Client
     assert [p["step"] for p in losses] == list(range(1, 21))
     assert all(math.isfinite(p["value"]) and p["value"] > 0 for p in losses)
     lrs = series(client, run_id, "lr")
-    assert [p["value"] for p in lrs] == [0.1] * 20
+    assert [p["value"] for p in lrs] == [DEFAULT_LR] * 20
     assert lrs[-1]["epoch"] == pytest.approx(2.0)
     for key in EPOCH_KEYS:
         epoch_points = series(client, run_id, key)
@@ -210,7 +211,7 @@ def test_train_autodecay_auto_mode_applies_the_servers_decay(
     assert caught_up(client, run_id)
     run = client.get(f"/api/v1/runs/{run_id}").json()
     assert (run["mode"], run["detector"]["name"], run["config"]["schedule"]) == ("auto", "autodecay", "autodecay")
-    params = {"preset": "epoch", "z": 0.5, "mode": "max", "min_stage": 5, "confirm": 1, "min_window_blocks": 3}
+    params = {"preset": "epoch", "mode": "max", "chance": 0.1, "min_stage": 5, "confirm": 1, "min_window_blocks": 3}
     assert (run["detector"]["metric"], run["detector"]["params"]) == ("test/accuracy", {**params, "max_decays": 1})
     decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
     assert decisions, "the detector never decided"
@@ -220,12 +221,12 @@ def test_train_autodecay_auto_mode_applies_the_servers_decay(
     # update from the next one on used the new LR.
     assert first["applied_step"] > first["step"]
     lrs = {p["step"]: p["value"] for p in series(client, run_id, "lr")}
-    assert lrs[first["applied_step"]] == pytest.approx(0.1)
-    assert lrs[first["applied_step"] + 1] == pytest.approx(0.01) == first["applied_lr"]
+    assert lrs[first["applied_step"]] == pytest.approx(DEFAULT_LR)
+    assert lrs[first["applied_step"] + 1] == pytest.approx(DEFAULT_LR * 0.1) == first["applied_lr"]
     stages = client.get(f"/api/v1/runs/{run_id}/stages").json()
     assert [(s["lr"], s["start_step"]) for s in stages[:2]] == [
-        (pytest.approx(0.1), 1),
-        (pytest.approx(0.01), first["applied_step"] + 1),
+        (pytest.approx(DEFAULT_LR), 1),
+        (pytest.approx(DEFAULT_LR * 0.1), first["applied_step"] + 1),
     ]
 
 
@@ -242,7 +243,7 @@ def test_train_plateau_and_observe_mode(server: LiveServer, client: httpx.Client
     # which cannot decay within 12 epochs (patience 10 after the best epoch).
     decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
     assert decisions and {d["status"] for d in decisions} == {"observed"}
-    assert {p["value"] for p in series(client, run_id, "lr")} == {0.1}
+    assert {p["value"] for p in series(client, run_id, "lr")} == {DEFAULT_LR}
 
 
 def test_train_refused_detector_parameter_exits_2(server: LiveServer, client: httpx.Client, tmp_path: Path) -> None:

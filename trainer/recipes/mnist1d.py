@@ -361,5 +361,6 @@ def make_task(data: Mnist1dData, *, batch_size: int, seed: int, channels: int = 
             "num_test": int(data.y_test.shape[0]),
             "channels": channels,
             "label_noise": label_noise,
+            "num_classes": NUM_CLASSES,
         },
     )
