@@ -14,8 +14,9 @@ noise of per-step losses.
 2. *Recent gain* ``g``: how much the best level improved during the recent window (the last ``window`` share
    of the stage, at least ``min_window_blocks`` blocks): the best before the window minus the best now.
 3. *Noise margin* ``delta = z * sigma * sqrt(2 / smooth)``: ``z`` times the noise of a difference of two levels,
-   with the per-block noise ``sigma`` estimated from the mean absolute successive difference within the window
-   (``sigma = mean|y_t - y_(t-1)| * sqrt(pi) / 2`` for Gaussian noise; differences cancel a slow trend).
+   with the per-block noise ``sigma`` estimated from the mean absolute second difference within the window
+   (``sigma = mean|y_t - 2 y_(t-1) + y_(t-2)| * sqrt(pi / 12)`` for Gaussian noise): second differences cancel
+   a linear trend, so a stage that is still climbing fast does not pass its own climb off as noise.
    *Pace margin* ``rho * G * w / n``: ``rho`` times what the stage's average pace (its whole gain ``G`` over
    its ``n`` blocks) would have gained over the ``w`` blocks of the window.
 4. The stage has ended when, after ``min_stage`` points and on ``confirm`` consecutive tests, ``g`` is within
@@ -143,7 +144,7 @@ class AutoDecayParams(DetectorParams):
 class _Stage:
     """Block medians of the current stage with prefix sums of x, y, xx, xy, yy for O(1) regressions, and for the
     ``best`` rule the running mean of the last ``smooth`` blocks, its prefix minimum and prefix sums of
-    ``|y_t - y_(t-1)|``."""
+    ``|y_t - 2 y_(t-1) + y_(t-2)|``."""
 
     def __init__(self, start_step: int, block: int, smooth: int = 1) -> None:
         self.start_step = start_step
@@ -158,7 +159,7 @@ class _Stage:
         self.levels: list[float] = []  # running mean of the last `smooth` blocks
         self.best: list[float] = []  # prefix minimum of levels
         self.best_at: list[int] = []  # index of the block where that minimum was set
-        self._absdiff: list[float] = [0.0]  # prefix sums of |y_i - y_(i-1)| (i >= 1)
+        self._absdiff2: list[float] = [0.0, 0.0]  # prefix sums of |y_i - 2 y_(i-1) + y_(i-2)| (i >= 2)
 
     def add(self, step: int, value: float) -> float | None:
         """Add a point; the median of the block it completed, if it did."""
@@ -189,15 +190,15 @@ class _Stage:
         else:
             self.best.append(level)
             self.best_at.append(n - 1)
-        if n >= 2:
-            self._absdiff.append(self._absdiff[-1] + abs(y - self.ys[-2]))
+        if n >= 3:
+            self._absdiff2.append(self._absdiff2[-1] + abs(y - 2 * self.ys[-2] + self.ys[-3]))
 
     def merge_if_full(self, max_blocks: int) -> None:
         if len(self.ys) < 2 * max_blocks:
             return
         xs, ys = self.xs, self.ys
         self.xs, self.ys, self._prefix = [], [], [(0.0, 0.0, 0.0, 0.0, 0.0)]
-        self.levels, self.best, self.best_at, self._absdiff = [], [], [], [0.0]
+        self.levels, self.best, self.best_at, self._absdiff2 = [], [], [], [0.0, 0.0]
         for i in range(0, len(ys) - 1, 2):
             self._append_block((xs[i] + xs[i + 1]) / 2, (ys[i] + ys[i + 1]) / 2)
         self.block *= 2
@@ -218,13 +219,16 @@ class _Stage:
         se = math.sqrt(rss / (n - 2) / vxx)
         return slope, se, my + slope * (self.xs[-1] - mx)
 
-    def mean_abs_diff(self, first: int) -> float:
-        """Mean of ``|y_i - y_(i-1)|`` over blocks ``first+1..end`` (the successive differences in the window)."""
+    def noise(self, first: int) -> float:
+        """The per-block noise over blocks ``first..end``, from their second differences: for Gaussian noise of
+        standard deviation ``s`` a second difference has standard deviation ``s * sqrt(6)``, hence mean absolute
+        value ``s * sqrt(12 / pi)``; a linear trend cancels."""
         n = len(self.ys)
-        count = n - 1 - first
+        first = max(first, 0)
+        count = n - 2 - first
         if count <= 0:
             return 0.0
-        return (self._absdiff[n - 1] - self._absdiff[first]) / count
+        return (self._absdiff2[n - 1] - self._absdiff2[first + 1]) / count * math.sqrt(math.pi / 12)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -325,7 +329,7 @@ class AutoDecay(Detector[AutoDecayParams]):
         before = n - width - 1  # the last block before the recent window
         gain = stage.best[before] - stage.best[-1]  # >= 0: how much the best level improved in the window
         stage_gain = stage.levels[0] - stage.best[-1]  # the stage's whole improvement of the level
-        sigma = stage.mean_abs_diff(n - width) * math.sqrt(math.pi) / 2
+        sigma = stage.noise(n - width)
         noise_margin = p.z * sigma * math.sqrt(2.0 / min(p.smooth, n))
         pace_margin = p.rho * max(stage_gain, 0.0) * width / n
         threshold = max(noise_margin, pace_margin)
