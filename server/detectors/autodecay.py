@@ -243,8 +243,9 @@ class _Stage:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> _Stage:
-        stage = cls(data["start_step"], data["block"], data.get("smooth", 1))
+    def from_dict(cls, data: dict[str, Any], smooth: int = 1) -> _Stage:
+        """``smooth``: for a state saved before stages recorded theirs (the detector's parameter)."""
+        stage = cls(data["start_step"], data["block"], data.get("smooth", smooth))
         stage.pending_steps = list(data["pending_steps"])
         stage.pending_values = list(data["pending_values"])
         stage.points = data["points"]
@@ -494,6 +495,6 @@ class AutoDecay(Detector[AutoDecayParams]):
         self.stopped = state["stopped"]
         self.reference_rate = state["reference_rate"]
         self.agreeing = state["agreeing"]
-        self.stage = None if state["stage"] is None else _Stage.from_dict(state["stage"])
+        self.stage = None if state["stage"] is None else _Stage.from_dict(state["stage"], self.params.smooth)
         if "divergence" in state:  # absent in states saved before the divergence check existed
             self.guard.load(state["divergence"])
