@@ -6,6 +6,8 @@ real Postgres server (``STAGEWATCH_TEST_POSTGRES``, default 127.0.0.1:5432) in a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -106,6 +108,29 @@ def free_port() -> int:
         return port
 
 
+class _PromptServer(uvicorn.Server):
+    """uvicorn's server, woken at once by ``stop()`` instead of at its next 0.1 s tick: a test suite starts and
+    stops hundreds of servers, and the ticks alone were a minute of waiting."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stopped: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), 0.1)
+
+    def stop(self) -> None:
+        self.should_exit = True
+        loop, stopped = self._loop, self._stopped
+        if loop is not None and stopped is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
+                loop.call_soon_threadsafe(stopped.set)
+
+
 class LiveServer:
     """The real app under uvicorn on a loopback port, in a background thread."""
 
@@ -114,7 +139,7 @@ class LiveServer:
         self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = _PromptServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -127,7 +152,7 @@ class LiveServer:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         self.thread.join(timeout=10)
         self.app.state.stagewatch.engine.dispose()
 

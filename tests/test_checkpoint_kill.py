@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 import trainer
 from server.app import create_app
 from server.settings import Settings
 from tests.conftest import LiveServer, free_port
+
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
 
 REPO = Path(__file__).resolve().parent.parent
 K = 5  # the checkpoint step; every job has 8 batches per epoch, so K is mid-epoch: no epoch-end metrics by then

@@ -19,6 +19,8 @@ from server.migrate import current_revision, head_revision, upgrade
 from server.store.tokens import create_token as store_create_token
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 STAGEWATCH = Path(sys.executable).parent / "stagewatch"
 COMMAND_TIMEOUT_S = 60
 START_TIMEOUT_S = 30

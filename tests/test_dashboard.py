@@ -35,6 +35,8 @@ from server.store.tokens import create_token
 from tests.conftest import LiveServer, make_run, sqlite_copy
 from tests.test_live_detection import LR, CurveWorker, decisions, start
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
 VIEWPORT: ViewportSize = {"width": 1400, "height": 1000}

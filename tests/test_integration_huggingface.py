@@ -33,6 +33,8 @@ from tests.test_integration_pytorch import (
 )
 from trainer.integrations.huggingface import StagewatchCallback
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 STEPS_PER_EPOCH = SAMPLES // BATCH
 STEPS = EPOCHS * STEPS_PER_EPOCH
 

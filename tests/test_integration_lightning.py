@@ -33,6 +33,7 @@ from tests.test_integration_pytorch import (
 from trainer.integrations.lightning import StagewatchCallback
 
 pytestmark = [
+    pytest.mark.slow,
     # Lightning's advice for a real job; with an 8-batch in-memory dataset, worker processes would only add time.
     pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers:UserWarning"),
     # Lightning 2.6 calls a torch.utils._pytree API that torch 2.13 deprecates; not ours to fix.

@@ -31,6 +31,8 @@ from server.store.tokens import create_token
 from tests.conftest import LiveServer
 from trainer.torch import CommandApplier
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 STEPS_PER_EPOCH = 5
 LR = 0.1
 # Small stages on a noise-free curve: a stage is judged over 6 points after it began, on raw points (no running

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import LiveServer, make_run, points
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 
 @dataclass(frozen=True)
 class Event:

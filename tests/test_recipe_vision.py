@@ -26,6 +26,8 @@ from tests.conftest import LiveServer, sqlite_copy
 from tests.test_cli import cli_env
 from tests.test_train_cli import EPOCH_KEYS, run_id_of, series
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 REPO = Path(__file__).resolve().parent.parent
 VISION_BIN = REPO / ".venv-vision" / "bin"
 VENV_TIMEOUT_S = 900
@@ -36,6 +38,7 @@ WRITE_IMAGES = """
 import random, sys
 from pathlib import Path
 from PIL import Image
+
 
 root = Path(sys.argv[1])
 rng = random.Random(0)

@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import LiveServer
 from tests.test_live_detection import DETECTOR, PARAMS, CurveWorker, decisions, start
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 NOISY = {**PARAMS, "min_stage": 8, "confirm": 2, "max_decays": 2}
 
 

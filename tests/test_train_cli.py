@@ -18,6 +18,8 @@ from tests.conftest import LiveServer, free_port, sqlite_copy
 from tests.test_cli import STAGEWATCH, cli_env, running, stagewatch
 from trainer.train_cli import DEFAULT_LR
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_TIMEOUT_S = 50
 DEMO_TIMEOUT_S = 40

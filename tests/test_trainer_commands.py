@@ -25,6 +25,8 @@ from tests.conftest import LiveServer, free_port
 from tests.test_trainer_outage import LiveServerOnPort
 from trainer.torch import AppliedCommand, CommandApplier
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 LR0 = 0.1
 GAMMA = 0.5
 STEP_SIZE = 10
@@ -208,7 +210,10 @@ def test_server_restart_between_delivery_and_ack(settings: Settings, stored, tmp
     url = f"http://127.0.0.1:{port}"
     first = LiveServerOnPort(settings, port).__enter__()
     try:
-        run = trainer.start_run(url, spool_dir=tmp_path, retry_max_s=0.5, command_wait_s=1.0, command_idle_s=0.3)
+        # It closes after the second server is gone: close_timeout_s bounds its retries of the final status.
+        run = trainer.start_run(
+            url, spool_dir=tmp_path, retry_max_s=0.5, command_wait_s=1.0, command_idle_s=0.3, close_timeout_s=1
+        )
         with run:
             assert run.id is not None
             loop = Loop(run)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import start_processes
@@ -26,6 +27,8 @@ from server.models import Decision
 from server.settings import Settings
 from tests.conftest import LiveServer, make_run
 from trainer.torch import CommandApplier
+
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
 
 WORLD = 2
 STEPS = 250

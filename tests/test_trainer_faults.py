@@ -34,6 +34,8 @@ import trainer
 from server.db import make_engine
 from tests.server_process import ServerProcess
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 STEPS = 20_000
 KEYS = ("loss", "acc")
 POINTS = STEPS * len(KEYS)  # 40,000

@@ -23,6 +23,8 @@ from server.app import create_app
 from server.settings import Settings
 from tests.conftest import LiveServer, free_port
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 OUTAGE = "cannot reach the server"
 
 
@@ -155,6 +157,7 @@ def test_log_never_raises_when_the_server_disappears_mid_run(settings: Settings,
 
 SPOOLING_WORKER = """
 import sys, trainer
+
 url, run_id, spool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with trainer.start_run(url, run_id=run_id, spool_dir=spool, retry_max_s=0.2, timeout=1, close_timeout_s=0.5) as run:
     for step in range(1, 501):

@@ -29,8 +29,11 @@ from server.app import create_app
 from server.settings import Settings
 from tests.conftest import LiveServer, free_port
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 WORKER = """
 import json, sys, threading, pathlib, trainer
+
 args = json.loads(sys.argv[1])
 out = pathlib.Path(args["out"])
 def value(step): return args["scale"] / (step + 1)
