@@ -358,6 +358,8 @@ def test_approve_with_a_click_and_the_workers_lr_changes(server: LiveServer, tab
         expect(panel).to_contain_text(evidence["statistic"])
         expect(panel.locator("#proposal-value")).to_contain_text("below the threshold")
         expect(panel.locator("meter")).to_have_count(1)
+        stage = evidence["stage"]  # the stage the proposal judged, as the stages table shows it
+        expect(panel.locator("#proposal-stage")).to_have_text(re.compile(rf"^S{stage['index']}, from step "))
         # The evidence window is highlighted on the chart, and the proposal is a marker with its evidence.
         shapes = page.evaluate("document.getElementById('chart').layout.shapes")
         windows = [s for s in shapes if s.get("fillcolor") == WINDOW_FILL]

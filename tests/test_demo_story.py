@@ -50,6 +50,12 @@ def test_the_demo_tells_the_whole_story(server: LiveServer, client: httpx.Client
     # A new stage opened at the new LR right after the step the worker applied the decay at.
     assert stages[0]["lr"] == pytest.approx(DEFAULT_LR)
     assert (stages[1]["lr"], stages[1]["start_step"]) == (pytest.approx(DEFAULT_LR * 0.1), decay["applied_step"] + 1)
+    # Every decision names the stage it judged as the API shows it: the decay the first, the next one the stage
+    # at the new LR.
+    shown = {(s["index"], s["start_step"]) for s in stages}
+    assert all((d["evidence"]["stage"]["index"], d["evidence"]["stage"]["start_step"]) in shown for d in decisions)
+    assert decay["evidence"]["stage"]["index"] == 0
+    assert decisions[1]["evidence"]["stage"]["start_step"] == decay["applied_step"] + 1
     # Later the last stage ended: a stop, applied, and training stopped before its 100-epoch budget.
     assert decisions[-1]["action"] == "stop", story
     assert "stopped by the server" in done.stdout

@@ -356,6 +356,9 @@ def test_a_proposal_left_waiting_is_never_superseded_by_its_own_shadow(
         second = decisions(server, run.id)[1]
     assert second["action"] == "decay"
     assert second["evidence"]["window"][0] > applied_at
+    # The stage it judged is the one the API shows, opened by the applied decay.
+    assert second["evidence"]["stage"]["start_step"] == applied_at + 1
+    assert second["evidence"]["stage"]["lr"] == pytest.approx(LR * 0.1)
     assert worker.lr == pytest.approx(LR * 0.1)
 
 

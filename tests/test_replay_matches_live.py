@@ -41,10 +41,10 @@ def replayed(server: LiveServer, run_id: int | None, tmp_path: Path, params: dic
 
 
 def comparable(made: list[dict[str, Any]]) -> list[tuple[int, str, dict[str, Any]]]:
-    """What live and replay must agree on (live evidence also names the metric and detector)."""
+    """What live and replay must agree on (live evidence also names the metric, the detector and the stage)."""
     out = []
     for d in made:
-        evidence = {k: v for k, v in d["evidence"].items() if k not in ("metric", "detector")}
+        evidence = {k: v for k, v in d["evidence"].items() if k not in ("metric", "detector", "stage")}
         out.append((d["step"], d["action"], evidence))
     return out
 

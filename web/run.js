@@ -344,6 +344,9 @@ function proposalView(d) {
       ev.window ? [h("dt", {}, "Window"), h("dd", {}, `steps ${fmtInt(ev.window[0])}–${fmtInt(ev.window[1])} `,
         h("button", { type: "button", id: "show-window", onclick: () => zoomToWindow(ev.window) }, "Show on chart"))]
         : null,
+      ev.stage ? [h("dt", {}, "Stage judged"), h("dd", { id: "proposal-stage" },
+        `S${ev.stage.index}, from step ${fmtInt(ev.stage.start_step)}${ev.stage.lr ? ` at LR ${fmtLr(ev.stage.lr)}` : ""}`)]
+        : null,
       ev.metric ? [h("dt", {}, "Metric"), h("dd", {}, `${ev.metric}${ev.detector ? ` (${ev.detector})` : ""}`)] : null,
     ),
     isLive() ? null : h("p", { class: "notice" }, `The run is ${data.run.status}: nothing can be applied any more.`),

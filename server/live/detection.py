@@ -168,10 +168,22 @@ def _follow_lr(session: Session, run: Run, row: DetectorState, stages: _Stages) 
 
 
 def _on_decision(
-    session: Session, run: Run, feeder: Feeder, decision: DetectorDecision, metric: str, result: PassResult
+    session: Session,
+    run: Run,
+    feeder: Feeder,
+    decision: DetectorDecision,
+    metric: str,
+    result: PassResult,
+    stages: _Stages | None,
 ) -> None:
     detector = feeder.detector
     evidence = {**decision.evidence.to_dict(), "metric": metric, "detector": detector.name}
+    # The stage the decision judged, as the API and the page show it (the detector counts its own stage from the
+    # first point it was fed after the LR change or restart, which lies inside that stage).
+    judged_from = decision.evidence.details.get("stage_start_step", decision.evidence.window[0])
+    stage = stages.at(int(judged_from)) if stages is not None and judged_from is not None else None
+    if stage is not None and stage.start_step <= judged_from:
+        evidence["stage"] = {"index": stage.index, "start_step": stage.start_step, "lr": stage.lr}
     source = f"detector:{detector.name}"
     observe = feeder.outcome == "observed"
     created = decisions.create(
@@ -227,7 +239,9 @@ def _follow_metric(session: Session, run: Run, row: DetectorState, stages: _Stag
             return
 
 
-def _feed_detector(session: Session, run: Run, row: DetectorState, feeder: Feeder, *, emit: bool) -> PassResult:
+def _feed_detector(
+    session: Session, run: Run, row: DetectorState, feeder: Feeder, *, emit: bool, stages: _Stages | None = None
+) -> PassResult:
     """Feeds the monitored points the detector has not consumed (with the logged LR), acting on decisions."""
     result = PassResult()
     metric = str(row.config.get("metric", "epoch/train_loss"))
@@ -250,7 +264,7 @@ def _feed_detector(session: Session, run: Run, row: DetectorState, feeder: Feede
         )
         if emit:
             for decision in made:
-                _on_decision(session, run, feeder, decision, metric, result)
+                _on_decision(session, run, feeder, decision, metric, result, stages)
         if len(points) < CHUNK and not feeder.waiting:
             return result
 
@@ -293,7 +307,7 @@ def _process_run(session: Session, run_id: int) -> PassResult:
             _save_feeder(row, rebuilt)
         feeder = load_feeder(row, _outcome(run))  # before the summaries move row.last_step
         _follow_metric(session, run, row, stages, str(config.get("metric", "epoch/train_loss")))
-        result = _feed_detector(session, run, row, feeder, emit=True)
+        result = _feed_detector(session, run, row, feeder, emit=True, stages=stages)
         _save_feeder(row, feeder)
     row.updated_at = utcnow()
     result.changed = stages.publish() or bool(result.decisions)
