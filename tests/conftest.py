@@ -24,8 +24,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.app import create_app
+from server.db import make_engine, make_session_factory, transaction
 from server.migrate import upgrade
 from server.settings import Settings
+from server.store.tokens import create_token
 
 POSTGRES_ADMIN = os.environ.get("STAGEWATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -178,3 +180,16 @@ def make_run(client: httpx.Client, **fields: object) -> int:
 
 def points(key: str, steps: range, value: float = 0.5) -> list[dict[str, object]]:
     return [{"key": key, "step": s, "value": value + s * 1e-3} for s in steps]
+
+
+@pytest.fixture
+def secured(migrated_url: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The real app with auth on, and a viewer and a worker token: ``(url, {"viewer": ..., "worker": ...})``."""
+    engine = make_engine(migrated_url)
+    tokens: dict[str, str] = {}
+    with transaction(make_session_factory(engine), write=True) as session:
+        for role in ("viewer", "worker"):
+            _, tokens[role] = create_token(session, name=f"{role}-token", role=role)
+    with LiveServer(create_app(Settings(database_url=migrated_url, auth=True))) as live:
+        yield live.url, tokens
+    engine.dispose()

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from server.app import create_app
-from server.db import make_engine, make_session_factory, transaction
-from server.settings import Settings
-from server.store.tokens import create_token
-from tests.conftest import LiveServer, make_run, points
+from tests.conftest import make_run, points
 
 FIELDS = {"event_id", "step", "time", "actor", "reason", "removed"}
 
@@ -91,18 +85,6 @@ def test_unknown_run_is_404_and_bad_after_is_422(client: httpx.Client) -> None:
         response = client.get(f"/api/v1/runs/{run_id}/rewinds", params={"after": bad})
         assert response.status_code == 422, (bad, response.text)
         assert response.json()["detail"].startswith("after")
-
-
-@pytest.fixture
-def secured(migrated_url: str) -> Iterator[tuple[str, dict[str, str]]]:
-    engine = make_engine(migrated_url)
-    tokens: dict[str, str] = {}
-    with transaction(make_session_factory(engine), write=True) as session:
-        for role in ("viewer", "worker"):
-            _, tokens[role] = create_token(session, name=f"{role}-token", role=role)
-    with LiveServer(create_app(Settings(database_url=migrated_url, auth=True))) as live:
-        yield live.url, tokens
-    engine.dispose()
 
 
 def test_viewers_may_read_rewinds(secured: tuple[str, dict[str, str]]) -> None:

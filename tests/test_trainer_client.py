@@ -6,17 +6,12 @@ import csv
 import io
 import math
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 import trainer
-from server.app import create_app
-from server.db import make_engine, make_session_factory, transaction
-from server.settings import Settings
-from server.store.tokens import create_token
 from tests.conftest import LiveServer
 
 N_STEPS = 6_667  # x 3 keys = 20,001 points
@@ -146,18 +141,6 @@ def test_conflicting_batch_is_rejected_into_the_spool_not_retried(
     assert '"status_code":409' in line and '"value":2.0' in line
     assert any("refused a batch" in r.getMessage() for r in caplog.records)
     assert client.get(f"/api/v1/runs/{run.id}").json()["latest"]["loss"]["value"] == 1.0
-
-
-@pytest.fixture
-def secured(migrated_url: str) -> Iterator[tuple[str, dict[str, str]]]:
-    engine = make_engine(migrated_url)
-    tokens: dict[str, str] = {}
-    with transaction(make_session_factory(engine), write=True) as session:
-        for role in ("viewer", "worker"):
-            _, tokens[role] = create_token(session, name=f"{role}-token", role=role)
-    with LiveServer(create_app(Settings(database_url=migrated_url, auth=True))) as live:
-        yield live.url, tokens
-    engine.dispose()
 
 
 def test_token_is_sent_as_bearer(secured: tuple[str, dict[str, str]], tmp_path: Path):

@@ -180,8 +180,9 @@ def _on_decision(
     evidence = {**decision.evidence.to_dict(), "metric": metric, "detector": detector.name}
     # The stage the decision judged, as the API and the page show it (the detector counts its own stage from the
     # first point it was fed after the LR change or restart, which lies inside that stage).
-    judged_from = decision.evidence.details.get("stage_start_step", decision.evidence.window[0])
-    stage = stages.at(int(judged_from)) if stages is not None and judged_from is not None else None
+    start = decision.evidence.details.get("stage_start_step")
+    judged_from = start if isinstance(start, int) else decision.evidence.window[0]
+    stage = stages.at(judged_from) if stages is not None else None
     if stage is not None and stage.start_step <= judged_from:
         evidence["stage"] = {"index": stage.index, "start_step": stage.start_step, "lr": stage.lr}
     source = f"detector:{detector.name}"
