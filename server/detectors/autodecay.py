@@ -129,7 +129,7 @@ class AutoDecayParams(DetectorParams):
     diverge_points: int = Field(default=2, ge=1, description="...on this many consecutive blocks.")
     diverge_nonfinite: int = Field(default=2, ge=1, description="Diverged after this many NaN/inf in a row.")
     diverge_min_gain: float = Field(
-        default=0.1, ge=0, description="The chance rule arms once the best beats chance by this share of it."
+        default=0.5, ge=0, description="The chance rule arms once the best beats chance by this share of it."
     )
 
     @model_validator(mode="before")

@@ -16,7 +16,8 @@ Two rules, each with its statistic and threshold in the evidence:
   terms: 0 at the best value, 1 at chance). The chance level is ``chance`` when the caller knows it (``ln K``
   for a K-class cross-entropy, ``1/K`` for an accuracy); otherwise the first value seen, which for a loss is
   the untrained network's. The rule only arms once the run has improved on that level by ``min_gain`` of its
-  magnitude, so the first noisy epochs of a run cannot count as a collapse.
+  magnitude (AutoDecay: half), so neither the first noisy epochs of a run nor a noisy wander back above a
+  first value that was low by chance can count as a collapse: only a run that had clearly learned.
 
 The values fed here are already oriented as losses (lower is better) by the caller; ``chance`` is given in
 the metric's own orientation and converted the same way.
