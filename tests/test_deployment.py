@@ -32,6 +32,8 @@ from sqlalchemy.engine import make_url
 from server.migrate import head_revision
 from tests.conftest import POSTGRES_ADMIN
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"

@@ -7,6 +7,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,12 +96,14 @@ def trend_series(draw: st.DrawFn) -> list[float]:
 probabilities = st.sampled_from([0.51, 0.6, 0.9, 0.99])
 
 
+@pytest.mark.slow  # 150 exact-fraction reference counts
 @settings(max_examples=150, deadline=None)
 @given(values=st.one_of(grid_values, trend_series()), p=probabilities)
 def test_count_matches_reference(values: list[float], p: float) -> None:
     assert count_steps_without_decrease(np.array(values, dtype=float), p) == reference_count(values, p)
 
 
+@pytest.mark.slow  # 150 exact-fraction reference counts
 @settings(max_examples=150, deadline=None)
 @given(values=st.one_of(grid_values, trend_series()), p=probabilities, q=st.sampled_from([0.0, 0.1, 0.25, 0.5]))
 def test_robust_count_matches_reference(values: list[float], p: float, q: float) -> None:

@@ -21,6 +21,8 @@ import trainer
 from tests.conftest import LiveServer
 from trainer.integrations.pytorch import StagewatchHook
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 LR0 = 0.5
 FACTOR = 0.5
 BATCH = 8

@@ -27,6 +27,8 @@ from server.detectors import make_detector
 from server.detectors.feed import Feeder
 from server.replay import _plot_indices
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 STAGEWATCH = Path(sys.executable).parent / "stagewatch"
 TIMEOUT_S = 60
 N = 400

@@ -18,6 +18,8 @@ from server.store.metrics import ingest, rewind
 from server.store.runs import create_run, get_run
 from server.store.series import query_series
 
+pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
+
 
 @pytest.fixture
 def sessions(migrated_url: str) -> Iterator[sessionmaker[Session]]:
