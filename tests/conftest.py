@@ -184,11 +184,11 @@ def points(key: str, steps: range, value: float = 0.5) -> list[dict[str, object]
 
 @pytest.fixture
 def secured(migrated_url: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """The real app with auth on, and a viewer and a worker token: ``(url, {"viewer": ..., "worker": ...})``."""
+    """The real app with auth on, and a token per role: ``(url, {"viewer": ..., "worker": ..., "operator": ...})``."""
     engine = make_engine(migrated_url)
     tokens: dict[str, str] = {}
     with transaction(make_session_factory(engine), write=True) as session:
-        for role in ("viewer", "worker"):
+        for role in ("viewer", "worker", "operator"):
             _, tokens[role] = create_token(session, name=f"{role}-token", role=role)
     with LiveServer(create_app(Settings(database_url=migrated_url, auth=True))) as live:
         yield live.url, tokens

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,9 @@ import torch
 
 import trainer
 from server.app import create_app
-from server.db import make_engine, make_session_factory, transaction
 from server.models import Decision, Run
 from server.settings import Settings
 from server.store.decisions import auto_approve_at
-from server.store.tokens import create_token
 from tests.conftest import LiveServer
 from trainer.torch import CommandApplier
 
@@ -130,18 +127,6 @@ def lrs(client: httpx.Client, run_id: int | None) -> list[float]:
     response = client.get(f"/api/v1/runs/{run_id}/metrics/export", params={"format": "jsonl", "key": "lr"})
     assert response.status_code == 200, response.text
     return [json.loads(line)["value"] for line in response.text.splitlines()]
-
-
-@pytest.fixture
-def secured_server(migrated_url: str) -> Iterator[tuple[LiveServer, dict[str, str]]]:
-    engine = make_engine(migrated_url)
-    tokens: dict[str, str] = {}
-    with transaction(make_session_factory(engine), write=True) as session:
-        for role in ("worker", "operator"):
-            _, tokens[role] = create_token(session, name=f"{role}-token", role=role)
-    engine.dispose()
-    with LiveServer(create_app(Settings(database_url=migrated_url, auth=True))) as live:
-        yield live, tokens
 
 
 # --- modes ----------------------------------------------------------------------------------------------------
@@ -503,13 +488,13 @@ def test_changing_the_detector_mid_run_rebuilds_it_silently(server: LiveServer, 
     assert decision["step"] > 12 * STEPS_PER_EPOCH
 
 
-def test_only_operators_change_detection(secured_server: tuple[LiveServer, dict[str, str]]):
-    live, tokens = secured_server
+def test_only_operators_change_detection(secured: tuple[str, dict[str, str]]):
+    base, tokens = secured
     worker = {"Authorization": f"Bearer {tokens['worker']}"}
     operator = {"Authorization": f"Bearer {tokens['operator']}"}
-    run = httpx.post(f"{live.url}/api/v1/runs", json={"detector": DETECTOR, "mode": "approve"}, headers=worker)
+    run = httpx.post(f"{base}/api/v1/runs", json={"detector": DETECTOR, "mode": "approve"}, headers=worker)
     assert run.status_code == 201, run.text
-    url = f"{live.url}/api/v1/runs/{run.json()['id']}"
+    url = f"{base}/api/v1/runs/{run.json()['id']}"
     refused = httpx.patch(url, json={"mode": "auto"}, headers=worker)
     assert refused.status_code == 403 and "changing mode needs the operator role" in refused.json()["detail"]
     assert httpx.patch(url, json={"status": "finished"}, headers=worker).status_code == 200
