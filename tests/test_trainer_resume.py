@@ -388,6 +388,32 @@ def test_close_with_the_server_gone_records_the_status_for_the_next_process(
     assert_points(points, expected(range(500)))
 
 
+def test_a_new_run_never_takes_over_the_run_whose_status_its_spool_still_owes(
+    settings: Settings, port: int, tmp_path: Path
+):
+    """Run A stored every point but the server went away before its final status: only the status is owed. A new
+    run opening that spool directory is a run of its own (never A), and delivers A's status."""
+    url = f"http://127.0.0.1:{port}"
+    with serve(settings, port):
+        a = trainer.start_run(url, spool_dir=tmp_path, retry_max_s=0.2, timeout=1, close_timeout_s=0.5)
+        a.__enter__()
+        a.log({"loss": 1.0}, step=0)
+        assert a.flush(timeout=30)
+    a.close("failed")
+    assert json.loads((tmp_path / "meta.json").read_text())["final_status"] == "failed"
+    with serve(settings, port):
+        with trainer.start_run(url, spool_dir=tmp_path, name="b") as b:
+            b.log({"loss": 2.0}, step=0)
+            assert b.flush(timeout=30)
+        assert b.id is not None and a.id is not None and b.id != a.id
+        deadline = time.monotonic() + 30
+        while run_of(url, a.id)["status"] != "failed":
+            assert time.monotonic() < deadline, run_of(url, a.id)
+            time.sleep(0.05)
+        assert stored(url, b.id) == {("loss", 0): 2.0}
+        assert stored(url, a.id) == {("loss", 0): 1.0}
+
+
 def test_no_thread_outlives_close_over_100_runs(settings: Settings, port: int, tmp_path: Path):
     """A sweep of 100 runs in one process, half of them closed while the server is down: afterwards the
     process has exactly the threads it had before."""

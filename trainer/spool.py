@@ -118,8 +118,9 @@ class Spool:
         try:
             old = SpoolMeta.load(directory / META)
             orphans: list[Spool] = []
-            if old is not None and not old.belongs_to(meta) and spool._holds_data():
-                orphans.append(spool._evict(old))
+            if old is not None and not old.belongs_to(meta):
+                if spool._holds_data() or old.final_status is not None:  # owed to another run: deliver it there
+                    orphans.append(spool._evict(old))
             elif old is not None or spool._holds_data():
                 spool._inherit(old, resume_step)
             if meta.pending_rewind is None and resume_step is not None:
