@@ -9,7 +9,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
-from fastapi.staticfiles import StaticFiles
 from sqlalchemy import event
 
 import web
@@ -23,6 +22,7 @@ from server.routes import commands, decisions, health, history, metrics, runs, s
 from server.settings import Settings
 from server.state import AppState
 from server.store import changes
+from server.web_security import install as install_web_security
 
 API_DESCRIPTION = """Stagewatch records training runs (metrics, stages, learning-rate decisions) and serves them.
 
@@ -59,7 +59,15 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
             state.live = None
             state.loop = None
 
-    app = FastAPI(title="Stagewatch", version=__version__, description=API_DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc come from packaged assets, not a CDN: server.web_security.
+    app = FastAPI(
+        title="Stagewatch",
+        version=__version__,
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.stagewatch = state
     install_error_handlers(app)
     routers = (health, runs, metrics, history, decisions, commands, stream)
@@ -67,11 +75,12 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
         app.include_router(router)
     # Before the /ui mount, which would answer this path first: plotly.js of the installed package, no CDN.
     app.add_api_route("/ui/vendor/plotly.min.js", web.plotly_js, methods=["GET", "HEAD"], include_in_schema=False)
-    app.mount("/ui", StaticFiles(directory=Path(web.__file__).parent, html=True), name="ui")
+    app.mount("/ui", web.WebAssets(directory=Path(web.__file__).parent, html=True), name="ui")
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_web_security(app, settings)  # last: the Host check and the headers wrap everything, 413s included
     return app

@@ -65,6 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         auth=not args.no_auth,
         allow_insecure_bind=args.allow_insecure_bind,
+        # Absent: STAGEWATCH_ALLOWED_HOSTS, else the default of Settings.trusted_hosts.
+        **({} if args.allowed_hosts is None else {"allowed_hosts": args.allowed_hosts}),
     )
     return _serve(settings, embedded=embedded)
 
@@ -255,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--no-auth", action="store_true", help="accept requests without a token")
     serve.add_argument("--allow-insecure-bind", action="store_true", help="allow --no-auth on a non-loopback address")
+    serve.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="comma-separated Host header names to answer besides localhost, 127.0.0.1, ::1 and the bound address "
+        "('*.example.org': its subdomains, '*': any); others get 400 (DNS rebinding). Default: none more on a "
+        "loopback bind, any Host on another bind. Also $STAGEWATCH_ALLOWED_HOSTS",
+    )
     serve.set_defaults(func=cmd_serve)
 
     demo = verbs.add_parser("demo", help="run the local demo on embedded SQLite, no tokens needed")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})  # listen on every address: not a name anyone is reached by
 
 
 def default_home() -> Path:
@@ -36,10 +38,35 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_points_per_batch: int = Field(default=100_000, gt=0)
     default_max_points: int = Field(default=2000, ge=3)
+    # Host header values to accept besides the loopback names and the bound address (see trusted_hosts); "*" is
+    # any, "*.example.com" any subdomain. STAGEWATCH_ALLOWED_HOSTS takes them comma-separated.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def trusted_hosts(self) -> list[str]:
+        """The Host header values the server answers (server.web_security refuses the others with 400).
+
+        The loopback names are always accepted: only a browser that really talks to this machine sends them,
+        never a DNS-rebinding page, whose requests carry the attacker's name. On a loopback bind that is all,
+        plus ``allowed_hosts``, so a rebinding page cannot reach a local (``--no-auth``) server. On any other
+        bind the names the server is reached by (DNS names, a proxy's, a container's service name) are unknown
+        to it: every Host is accepted unless ``allowed_hosts`` lists them, and tokens (auth is required there)
+        are what keep other pages out -- a rebinding page has none.
+        """
+        if self.host not in LOOPBACK_HOSTS and not self.allowed_hosts:
+            return ["*"]
+        bound = set() if self.host in WILDCARD_BINDS else {self.host}
+        return sorted(LOOPBACK_HOSTS | bound | set(self.allowed_hosts))
 
 
 class InsecureBindError(ValueError):

@@ -122,7 +122,9 @@ def open_run(page: Page, server: LiveServer, run_id: int | None, hash_: str = ""
 
 def wait_chart(page: Page) -> None:
     """Until the page drew its first chart (a navigation may still be on its way: the hook is per document)."""
-    page.wait_for_function("window.__stagewatch && window.__stagewatch.firstChart != null")
+    # Predicates are functions, never bare expressions: Playwright polls a bare one with eval(), which the page's
+    # Content-Security-Policy (server.web_security) refuses.
+    page.wait_for_function("() => window.__stagewatch && window.__stagewatch.firstChart != null")
 
 
 def drawn_step(page: Page, key: str) -> int:
@@ -288,7 +290,7 @@ def test_a_run_streamed_by_a_real_worker_appears_and_grows_live(server: LiveServ
         page.get_by_label("from").fill("3")
         page.get_by_label("to", exact=True).fill("40")
         page.get_by_role("button", name="Zoom to steps").click()
-        page.wait_for_function("location.hash.includes('range=3-40')")
+        page.wait_for_function("() => location.hash.includes('range=3-40')")
         page.get_by_label("log scale for Train loss").check()
         page.evaluate("window.scrollTo(0, 150)")
         scroll = page.evaluate("window.scrollY")
@@ -314,15 +316,15 @@ def test_a_run_streamed_by_a_real_worker_appears_and_grows_live(server: LiveServ
         assert page.evaluate("document.getElementById('chart').layout.xaxis.range") == [3, 40]
         assert page.get_by_label("log scale for Train loss").is_checked()
         page.get_by_role("button", name="Reset zoom").click()
-        page.wait_for_function("!location.hash.includes('range=')")
+        page.wait_for_function("() => !location.hash.includes('range=')")
 
         # Other x-axes: wall time (live points then come with their time, fetched) and epochs.
         page.get_by_label("wall time").check()
-        page.wait_for_function("document.getElementById('chart').layout.xaxis.type === 'date'")
+        page.wait_for_function("() => document.getElementById('chart').layout.xaxis.type === 'date'")
         assert worker.train_epoch()
         wait_drawn(page, "epoch/train_loss", worker.step)
         page.get_by_label("epoch", exact=True).check()
-        page.wait_for_function("document.getElementById('chart').layout.xaxis.type === 'linear'")
+        page.wait_for_function("() => document.getElementById('chart').layout.xaxis.type === 'linear'")
         last_x = page.evaluate(
             "document.getElementById('chart').data.find((t) => t.meta && t.meta.key === 'epoch/train_loss').x.at(-1)"
         )
@@ -392,7 +394,9 @@ def test_approve_with_a_click_and_the_workers_lr_changes(server: LiveServer, tab
         expect(audit).to_contain_text("looks flat to me")
         expect(page.locator(f'#decisions tr[data-decision="{proposal["id"]}"]')).to_contain_text("applied")
         expect(panel.get_by_role("heading")).to_have_text("Decision")
-        page.wait_for_function("document.getElementById('chart').data.some((t) => t.meta && t.meta.kind === 'applied')")
+        page.wait_for_function(
+            "() => document.getElementById('chart').data.some((t) => t.meta && t.meta.kind === 'applied')"
+        )
         expect(page.locator("#stages")).to_contain_text("S1")
         shot(page, "run-page-approved")
 
@@ -622,7 +626,7 @@ def test_zoom_fetches_full_resolution_and_export_is_complete(
     page.get_by_label("from").fill("5000")
     page.get_by_label("to", exact=True).fill("5600")
     page.get_by_role("button", name="Zoom to steps").click()
-    page.wait_for_function("window.__stagewatch.view.detail !== null")
+    page.wait_for_function("() => window.__stagewatch.view.detail !== null")
     detail = page.evaluate(
         "Array.from(window.__stagewatch.view.detail.byRun.values())[0].series.get('train/loss').steps"
     )
