@@ -193,6 +193,12 @@ def test_bodies_that_are_not_json_are_refused_and_nothing_is_stored(client: http
     assert client.get(f"/api/v1/runs/{run_id}/metrics").json()["series"] == []
     assert client.get(f"/api/v1/runs/{run_id}/events").json()["data"] == events_before  # no hold, no change
 
+    # A body-less POST (what a cross-site page can still send) changes nothing: every route that changes
+    # something requires a JSON body, except the heartbeat.
+    assert client.post("/api/v1/runs").status_code == 422
+    assert client.post(f"/api/v1/runs/{run_id}/hold").status_code == 422
+    assert client.get(f"/api/v1/runs/{run_id}/events").json()["data"] == events_before
+
     # JSON, with a charset or as a +json type, passes; a request without a body needs no type.
     typed = {"Content-Type": "application/json; charset=utf-8"}
     assert client.post(f"/api/v1/runs/{run_id}/metrics", content=batch, headers=typed).status_code == 200
