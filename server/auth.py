@@ -28,6 +28,7 @@ class Principal:
 
     name: str
     role: str
+    token_id: int | None = None  # None: auth is off
 
     @property
     def actor(self) -> str:
@@ -43,7 +44,7 @@ def _authenticate(state: AppState, credentials: HTTPAuthorizationCredentials | N
         token = find_active_token(session, credentials.credentials)
         if token is None:
             raise Unauthorized("invalid or revoked token")
-        return Principal(f"token:{token.name}", token.role)
+        return Principal(f"token:{token.name}", token.role, token.id)
 
 
 def require(role: str) -> Callable[..., Principal]:

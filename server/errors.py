@@ -15,8 +15,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
+
+_ERROR_STATUSES = {
+    400: "The body is not valid JSON.",
+    401: "Missing, invalid or revoked token.",
+    403: "The token's role does not allow this.",
+    404: "No such run, decision, command or event.",
+    409: "Conflicts with what is stored (the message says what).",
+    413: "The body or batch is over the limit.",
+    415: "The body is not JSON (`Content-Type: application/json`).",
+    422: "A field, parameter or body is invalid (the message names it).",
+}
+# Declared on every API router, so that the OpenAPI document describes the bodies the server really sends
+# (FastAPI's default 422 schema is not ours).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in _ERROR_STATUSES.items()
+}
 
 
 class StagewatchError(Exception):
@@ -76,8 +96,24 @@ def format_location(loc: Iterable[Any]) -> str:
     return text or "body"
 
 
+# A metric value is a number or one of three strings (server.schemas.MetricValue): pydantic reports one error per
+# alternative, each under the alternative's name; the client needs one, under the field's.
+_VALUE_ALTERNATIVES = frozenset({"float", "literal['NaN','Infinity','-Infinity']"})
+_VALUE_MESSAGE = "Input should be a finite number, or 'NaN', 'Infinity' or '-Infinity' as a string"
+
+
 def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    return [{"field": format_location(e["loc"]), "message": e["msg"], "type": e["type"]} for e in errors]
+    items: list[dict[str, Any]] = []
+    values_seen: set[tuple[Any, ...]] = set()
+    for e in errors:
+        loc = tuple(e["loc"])
+        if loc and loc[-1] in _VALUE_ALTERNATIVES:
+            if loc[:-1] not in values_seen:
+                values_seen.add(loc[:-1])
+                items.append({"field": format_location(loc[:-1]), "message": _VALUE_MESSAGE, "type": "metric_value"})
+            continue
+        items.append({"field": format_location(loc), "message": e["msg"], "type": e["type"]})
+    return items
 
 
 def invalid_from(errors: Sequence[Any]) -> Invalid:
@@ -89,6 +125,15 @@ def invalid_from(errors: Sequence[Any]) -> Invalid:
 
 def error_body(exc: StagewatchError) -> dict[str, Any]:
     return {"detail": exc.detail, "code": exc.code, **exc.extra}
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers on this path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -114,11 +159,43 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no such path: {request.url.path}"
         elif exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
+            # Starlette names only the methods of the first route with this path; the others count too.
+            headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))}
+            return JSONResponse({"detail": detail, "code": "http_405"}, status_code=405, headers=headers)
+        elif exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "body: not valid JSON"
         body = {"detail": detail, "code": f"http_{exc.status_code}"}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        body = {"detail": "internal error; see the server log", "code": "internal"}
-        return JSONResponse(body, status_code=500)
+    app.add_middleware(InternalErrors)
+
+
+class InternalErrors:
+    """A bug becomes a JSON 500 and the connection stays open.
+
+    Starlette's outermost error middleware re-raises after answering (so servers can log), and uvicorn then
+    closes the connection: the client's next request on it fails too. Here the error is logged and answered
+    and goes no further. Only a response already under way (a stream) must still break its connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            body = {"detail": "internal error; see the server log", "code": "internal"}
+            await JSONResponse(body, status_code=500)(scope, receive, send)

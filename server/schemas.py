@@ -6,6 +6,7 @@ import datetime as dt
 import math
 from typing import Annotated, Any, Literal, NotRequired
 
+from fastapi import Path
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -22,20 +23,53 @@ RunStatus = Literal["running", "finished", "failed"]
 RunStatusOrStale = Literal["running", "finished", "failed", "stale"]
 Role = Literal["viewer", "worker", "operator"]
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Tag = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\s,]+$")]
-MetricKey = Annotated[str, Field(min_length=1, max_length=200)]
-# Chosen by the worker to make run creation idempotent. Control characters (NUL above all: Postgres text
-# cannot hold it) are refused so that the key is stored and matched byte for byte on both engines.
+# --- bounds: every number and string that reaches the database is bounded here, at the edge -----------------
+# A value the database cannot hold would be a 500 at best; at worst it is stored and breaks every later reader
+# (an event whose step is 1e20 cannot be encoded, and kills each stream that reaches it).
+
+MAX_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL; past this no row can exist
+MAX_STEP = 2**62  # steps are 64-bit; headroom for step arithmetic (rollup buckets, +1 cursors)
+MAX_SPAN_STEPS = 2**61  # a hold or backoff: step + span must still fit in 64 bits
+MAX_FEED_ID = 2**62  # live-event ids are 64-bit
+MAX_SECONDS = 10 * 365 * 86_400.0  # durations: ten years is "never" for any training run
+MAX_EPOCHS = 1e6
+MAX_LR = 1e6  # a learning rate; far beyond any that trains
+
+# PostgreSQL text cannot hold NUL: refused in every string, on both engines, so they store the same things.
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL)]
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+Tag = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\s,\x00]+$")]
+MetricKey = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+Reason = Annotated[str, Field(max_length=2000, pattern=NO_NUL)]
+# Chosen by the worker to make run creation idempotent. Control characters (NUL above all) are refused so
+# that the key is stored and matched byte for byte on both engines.
 ClientKey = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+# Integers are strict: "12", true and 3.0 are not steps.
+Step = Annotated[int, Field(strict=True, ge=0, le=MAX_STEP)]
+RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="A run's id.")]
+DecisionId = Annotated[int, Path(ge=1, le=MAX_ID, description="A decision's id.")]
+CommandId = Annotated[int, Path(ge=1, le=MAX_ID, description="A command's id.")]
+EventId = Annotated[int, Path(ge=1, le=MAX_ID, description="An audit event's id.")]
 
 NON_FINITE_SCHEMA: dict[str, Any] = {
     "anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]
 }
-# JSON has no NaN or infinities; they travel as these strings in both directions. Lax float parsing in
-# pydantic-core accepts them (and numeric strings), in Rust, which matters at 10,000 points per request.
-MetricValue = Annotated[float, WithJsonSchema(NON_FINITE_SCHEMA)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# JSON has no NaN or infinities; they travel as these strings in both directions (decoded by
+# ``decode_value``). Numbers are strict: true, "12" and 1e309 (an overflow to infinity) are refused.
+NonFiniteName = Literal["NaN", "Infinity", "-Infinity"]
+MetricValue = Annotated[
+    Annotated[float, Field(strict=True, allow_inf_nan=False)] | NonFiniteName, WithJsonSchema(NON_FINITE_SCHEMA)
+]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NON_FINITE: dict[str, float | None] = {"NaN": None, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def decode_value(value: float | str) -> float | None:
+    """A metric value as stored: the non-finite names become floats, NaN becomes None (see ``server.models``)."""
+    return NON_FINITE[value] if isinstance(value, str) else value
+
+
 EncodedValue = Annotated[float | str | None, WithJsonSchema({"anyOf": [*NON_FINITE_SCHEMA["anyOf"], {"type": "null"}]})]
 
 
@@ -58,23 +92,44 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FieldError(BaseModel):
+    field: str = Field(description="Where, e.g. `points[3].value`.")
+    message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers with."""
+
+    detail: str = Field(description="A sentence naming what was wrong.")
+    code: str = Field(description="A stable slug: `invalid`, `not_found`, `conflict`, `unauthorized`...")
+    errors: list[FieldError] | None = Field(default=None, description="Validation errors: one per invalid field.")
+
+
 # --- runs -------------------------------------------------------------------------------------------------
 
 
-def _reject_non_finite(value: Any, path: str = "config") -> Any:
-    """Stored JSON must be renderable again: JSON has no NaN, and Python's parser lets it in."""
+def _storable_json(value: Any, path: str = "config") -> Any:
+    """Stored JSON must be renderable again, on both engines: JSON has no NaN (Python's parser lets it in),
+    the encoders stop at 64-bit integers, and PostgreSQL cannot hold NUL."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{path} holds {value}, which JSON cannot represent; send it as a string")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{path} holds an integer outside the 64-bit range; send it as a string")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{path} holds a NUL character")
     if isinstance(value, dict):
         for k, v in value.items():
-            _reject_non_finite(v, f"{path}.{k}")
+            if "\x00" in k:
+                raise ValueError(f"{path} has a key with a NUL character")
+            _storable_json(v, f"{path}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _reject_non_finite(v, f"{path}[{i}]")
+            _storable_json(v, f"{path}[{i}]")
     return value
 
 
-FiniteJson = Annotated[dict[str, Any], AfterValidator(_reject_non_finite)]
+FiniteJson = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 
 
 # --- live detection configuration ---------------------------------------------------------------------
@@ -85,7 +140,9 @@ Mode = Literal["auto", "approve", "observe"]
 class DetectorConfig(Strict):
     """Which detector watches a run, on which metric key, with which parameters."""
 
-    name: str = Field(description="A detector of `stagewatch replay --help`: autodecay, plateau, slope, stationarity.")
+    name: Annotated[str, Field(max_length=100, pattern=NO_NUL)] = Field(
+        description="A detector of `stagewatch replay --help`: autodecay, plateau, slope, stationarity."
+    )
     metric: MetricKey = Field(default="epoch/train_loss", description="The metric key the detector is fed.")
     params: FiniteJson = Field(default_factory=dict, description="The detector's parameters; unknown ones refused.")
     lr_key: MetricKey = Field(default="lr", description="The metric key holding the LR in effect (stages follow it).")
@@ -105,8 +162,8 @@ class DetectorConfig(Strict):
 class Span(Strict):
     """A number of epochs or of steps (exactly one), counted from the point where it starts."""
 
-    epochs: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0, le=MAX_EPOCHS, allow_inf_nan=False, strict=True)
+    steps: int | None = Field(default=None, gt=0, le=MAX_SPAN_STEPS, strict=True)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Span:
@@ -124,7 +181,7 @@ class RunCreate(Strict):
     name: Name | None = Field(default=None, description="Defaults to `run-<id>`.")
     project: Name = "default"
     tags: list[Tag] = Field(default_factory=list, max_length=50)
-    notes: str = Field(default="", max_length=20_000)
+    notes: str = Field(default="", max_length=20_000, pattern=NO_NUL)
     config: FiniteJson = Field(default_factory=dict, description="Hyperparameters, free-form JSON.")
     mode: Mode = Field(
         default="observe",
@@ -133,21 +190,40 @@ class RunCreate(Strict):
     )
     detector: DetectorConfig | None = Field(default=None, description="Live stage detection; none by default.")
     auto_approve_after_s: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, description="approve mode: approve a proposal nobody decided on."
+        default=None,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        strict=True,
+        description="approve mode: approve a proposal nobody decided on.",
     )
     reject_backoff: Span | None = Field(
         default=None, description="After a rejection the detector is held this long (default: not held)."
     )
 
 
+def _not_null(schema: dict[str, Any]) -> None:
+    """An optional field that may be left out but not sent as null: the schema says so (the store refuses it)."""
+    schema.pop("default", None)
+    options = [s for s in schema.pop("anyOf", []) if s != {"type": "null"}]
+    if len(options) == 1:
+        schema.update(options[0])
+    elif options:
+        schema["anyOf"] = options
+
+
 class RunUpdate(Strict):
-    name: Name | None = None
+    """Only the fields sent are changed."""
+
+    name: Name | None = Field(default=None, json_schema_extra=_not_null)
     tags: list[Tag] | None = Field(default=None, max_length=50)
-    notes: str | None = Field(default=None, max_length=20_000)
-    status: RunStatus | None = Field(default=None, description="`stale` is derived from heartbeats and cannot be set.")
-    mode: Mode | None = None
+    notes: str | None = Field(default=None, max_length=20_000, pattern=NO_NUL)
+    status: RunStatus | None = Field(
+        default=None, description="`stale` is derived from heartbeats and cannot be set.", json_schema_extra=_not_null
+    )
+    mode: Mode | None = Field(default=None, json_schema_extra=_not_null)
     detector: DetectorConfig | None = Field(default=None, description="null turns live detection off.")
-    auto_approve_after_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    auto_approve_after_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS, allow_inf_nan=False, strict=True)
     reject_backoff: Span | None = None
 
 
@@ -200,7 +276,7 @@ class PointIn(TypedDict):
     """One metric point as sent by a worker. A TypedDict, not a model: validation is 5x faster."""
 
     key: MetricKey
-    step: Annotated[int, Field(ge=0, le=2**62)]
+    step: Step
     value: MetricValue
     epoch: NotRequired[Annotated[FiniteFloat, Field(ge=0)] | None]
     time: NotRequired[Annotated[FiniteFloat, Field(description="Unix seconds; defaults to arrival time.")] | None]
@@ -224,10 +300,10 @@ class IngestResult(BaseModel):
 
 
 class RewindRequest(Strict):
-    step: Annotated[int, Field(ge=0)] = Field(
+    step: Step = Field(
         description="The checkpoint's step: points after it are moved to the audit log and may be re-sent."
     )
-    reason: str = Field(default="", max_length=2000)
+    reason: Reason = ""
 
 
 class RewindResult(BaseModel):
@@ -322,7 +398,7 @@ class DecisionPublic(BaseModel):
 
 
 class DecideRequest(Strict):
-    reason: str = Field(default="", max_length=2000)
+    reason: Reason = ""
 
 
 class RejectRequest(DecideRequest):
@@ -330,8 +406,10 @@ class RejectRequest(DecideRequest):
 
 
 class OverrideRequest(DecideRequest):
-    factor: float | None = Field(default=None, gt=0, lt=1, description="Decay by this factor instead.")
-    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="Or set this LR instead.")
+    factor: float | None = Field(default=None, gt=0, lt=1, strict=True, description="Decay by this factor instead.")
+    lr: float | None = Field(
+        default=None, gt=0, le=MAX_LR, allow_inf_nan=False, strict=True, description="Or set this LR instead."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> OverrideRequest:
@@ -341,7 +419,7 @@ class OverrideRequest(DecideRequest):
 
 
 class HoldRequest(Span):
-    reason: str = Field(default="", max_length=2000)
+    reason: Reason = ""
 
 
 class DetectionProgress(BaseModel):
@@ -376,9 +454,13 @@ CommandStatus = Literal["approved", "delivered", "applied", "failed"]
 
 class CommandCreate(Strict):
     action: CommandAction
-    factor: float | None = Field(default=None, gt=0, lt=1, description="decay: the LR is multiplied by this.")
-    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="set_lr: the new LR.")
-    reason: str = Field(default="", max_length=2000)
+    factor: float | None = Field(
+        default=None, gt=0, lt=1, strict=True, description="decay: the LR is multiplied by this."
+    )
+    lr: float | None = Field(
+        default=None, gt=0, le=MAX_LR, allow_inf_nan=False, strict=True, description="set_lr: the new LR."
+    )
+    reason: Reason = ""
 
     @model_validator(mode="after")
     def _fields_match_action(self) -> CommandCreate:
@@ -414,9 +496,11 @@ class CommandList(BaseModel):
 
 class CommandAck(Strict):
     status: Literal["applied", "failed"]
-    step: int = Field(ge=0, description="The step boundary at which the worker applied it.")
-    lr: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="The LR now in effect.")
-    message: str = Field(default="", max_length=2000)
+    step: Step = Field(description="The step boundary at which the worker applied it.")
+    lr: float | None = Field(
+        default=None, ge=0, le=MAX_LR, allow_inf_nan=False, strict=True, description="The LR now in effect."
+    )
+    message: Reason = ""
 
 
 # --- audit log, tokens, health ----------------------------------------------------------------------------

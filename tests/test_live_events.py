@@ -72,6 +72,11 @@ class Subscriber:
             got.append(self.next(timeout))
         return got
 
+    def wait_closed(self, timeout: float) -> None:
+        """Until the server has ended the response (or fail)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream is still open"
+
     def close(self) -> None:
         self._client.close()
 

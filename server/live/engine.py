@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -81,12 +82,12 @@ class LiveDetection:
                 self._busy = True
             try:
                 if run_id is not None:
-                    self._pass(run_id)
+                    self._isolated(self._pass, run_id)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self._sweep_s
                     self._sweep()
-            except Exception:  # a bug in one pass must not end live detection for every run
-                logger.exception("live detection failed (run %s)", run_id)
+            except Exception:  # the sweep's read: the database is away; try again at the next one
+                logger.exception("the auto-approval sweep failed")
             finally:
                 with self._cond:
                     self._busy = False
@@ -103,9 +104,21 @@ class LiveDetection:
         with transaction(self._sessions) as session:  # read-only first: most sweeps find nothing
             due = {run.id for _, run in decisions.due_for_auto_approval(session, utcnow())}
         for run_id in sorted(due):
-            with transaction(self._sessions, write=True) as session:
-                session.info[changes.DETECTING] = True
-                run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())  # run row first
-                for decision, run in decisions.due_for_auto_approval(session, utcnow(), run_id=run_id):
-                    after = f"no decision within {run.auto_approve_after_s:g} s"
-                    decisions.transition(session, decision, "approved", actor="auto-approve", note=after)
+            self._isolated(self._approve_due, run_id)
+
+    @staticmethod
+    def _isolated(work: Callable[[int], None], run_id: int) -> None:
+        """A failure on one run (a bug, a row that cannot be handled) must not stop detection or
+        auto-approval for the others: it is logged, and the run is tried again at its next wake-up."""
+        try:
+            work(run_id)
+        except Exception:
+            logger.exception("live detection failed on run %s", run_id)
+
+    def _approve_due(self, run_id: int) -> None:
+        with transaction(self._sessions, write=True) as session:
+            session.info[changes.DETECTING] = True
+            run = session.scalar(select(Run).where(Run.id == run_id).with_for_update())  # run row first
+            for decision, run in decisions.due_for_auto_approval(session, utcnow(), run_id=run_id):
+                after = f"no decision within {run.auto_approve_after_s:g} s"
+                decisions.transition(session, decision, "approved", actor="auto-approve", note=after)

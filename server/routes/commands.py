@@ -12,12 +12,13 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import Operator, Worker
 from server.db import transaction
-from server.schemas import CommandAck, CommandCreate, CommandList, CommandPublic
+from server.errors import ERROR_RESPONSES
+from server.schemas import MAX_ID, CommandAck, CommandCreate, CommandId, CommandList, CommandPublic, RunId
 from server.state import AppState, State
 from server.store import commands as store
 from server.store.runs import get_run
 
-router = APIRouter(prefix="/api/v1/runs", tags=["commands"])
+router = APIRouter(prefix="/api/v1/runs", tags=["commands"], responses=ERROR_RESPONSES)
 
 # Long-polls are woken at once by commands created in this process; this re-check catches the others.
 RECHECK_S = 1.0
@@ -28,7 +29,7 @@ def public(command: object) -> CommandPublic:
 
 
 @router.post("/{run_id}/commands", response_model=CommandPublic, status_code=status.HTTP_201_CREATED)
-def create_command(run_id: int, data: CommandCreate, state: State, who: Operator) -> CommandPublic:
+def create_command(run_id: RunId, data: CommandCreate, state: State, who: Operator) -> CommandPublic:
     """Queue a command for the run's worker: `decay` (by `factor`), `set_lr` (to `lr`) or `stop`."""
     with transaction(state.sessions, write=True) as session:
         run = get_run(session, run_id, for_update=True)
@@ -47,10 +48,10 @@ def _take(state: AppState, run_id: int, after: int) -> tuple[list[CommandPublic]
 
 @router.get("/{run_id}/commands", response_model=CommandList)
 async def fetch_commands(
-    run_id: int,
+    run_id: RunId,
     state: State,
     _: Worker,
-    after: Annotated[int, Query(ge=0, description="Only commands with a larger id.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="Only commands with a larger id.")] = 0,
     wait: Annotated[float, Query(ge=0, le=30, description="Long-poll up to this many seconds.")] = 0,
 ) -> CommandList:
     """Commands not yet acknowledged, oldest first; fetching marks them delivered. With `wait`, the request
@@ -72,7 +73,9 @@ async def fetch_commands(
 
 
 @router.post("/{run_id}/commands/{command_id}/ack", response_model=CommandPublic)
-def acknowledge_command(run_id: int, command_id: int, ack: CommandAck, state: State, who: Worker) -> CommandPublic:
+def acknowledge_command(
+    run_id: RunId, command_id: CommandId, ack: CommandAck, state: State, who: Worker
+) -> CommandPublic:
     """The worker applied (or could not apply) a command at `step`; `lr` is the LR now in effect. Repeating
     the same acknowledgement is harmless; a different one is a 409."""
     with transaction(state.sessions, write=True) as session:

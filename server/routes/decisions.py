@@ -9,14 +9,24 @@ from fastapi import APIRouter
 
 from server.auth import Operator
 from server.db import transaction
-from server.errors import Invalid
+from server.errors import ERROR_RESPONSES, Invalid
 from server.models import Run
-from server.schemas import DecideRequest, DecisionPublic, HoldPublic, HoldRequest, OverrideRequest, RejectRequest, Span
+from server.schemas import (
+    DecideRequest,
+    DecisionId,
+    DecisionPublic,
+    HoldPublic,
+    HoldRequest,
+    OverrideRequest,
+    RejectRequest,
+    RunId,
+    Span,
+)
 from server.state import State
 from server.store import decisions, detection
 from server.store.runs import get_run
 
-router = APIRouter(prefix="/api/v1/runs", tags=["stages and decisions"])
+router = APIRouter(prefix="/api/v1/runs", tags=["stages and decisions"], responses=ERROR_RESPONSES)
 
 
 def _running(run: Run) -> None:
@@ -25,7 +35,7 @@ def _running(run: Run) -> None:
 
 
 @router.post("/{run_id}/decisions/{decision_id}/approve", response_model=DecisionPublic)
-def approve(run_id: int, decision_id: int, data: DecideRequest, state: State, who: Operator) -> DecisionPublic:
+def approve(run_id: RunId, decision_id: DecisionId, data: DecideRequest, state: State, who: Operator) -> DecisionPublic:
     """Approve a proposal: it becomes a command for the worker. 409 unless it is `proposed`."""
     with transaction(state.sessions, write=True) as session:
         _running(get_run(session, run_id, for_update=True))
@@ -36,7 +46,7 @@ def approve(run_id: int, decision_id: int, data: DecideRequest, state: State, wh
 
 
 @router.post("/{run_id}/decisions/{decision_id}/reject", response_model=DecisionPublic)
-def reject(run_id: int, decision_id: int, data: RejectRequest, state: State, who: Operator) -> DecisionPublic:
+def reject(run_id: RunId, decision_id: DecisionId, data: RejectRequest, state: State, who: Operator) -> DecisionPublic:
     """Reject a proposal. The detector starts the stage again and, with a `backoff` (or the run's
     `reject_backoff`), is held for that many epochs or steps."""
     with transaction(state.sessions, write=True) as session:
@@ -51,7 +61,9 @@ def reject(run_id: int, decision_id: int, data: RejectRequest, state: State, who
 
 
 @router.post("/{run_id}/decisions/{decision_id}/override", response_model=DecisionPublic)
-def override(run_id: int, decision_id: int, data: OverrideRequest, state: State, who: Operator) -> DecisionPublic:
+def override(
+    run_id: RunId, decision_id: DecisionId, data: OverrideRequest, state: State, who: Operator
+) -> DecisionPublic:
     """Approve a proposal with another `factor`, or an explicit `lr` instead."""
     with transaction(state.sessions, write=True) as session:
         _running(get_run(session, run_id, for_update=True))
@@ -62,7 +74,7 @@ def override(run_id: int, decision_id: int, data: OverrideRequest, state: State,
 
 
 @router.post("/{run_id}/hold", response_model=HoldPublic)
-def hold(run_id: int, data: HoldRequest, state: State, who: Operator) -> HoldPublic:
+def hold(run_id: RunId, data: HoldRequest, state: State, who: Operator) -> HoldPublic:
     """Stop feeding the run's detector for `epochs` (or `steps`) from its latest point: no proposal until then."""
     with transaction(state.sessions, write=True) as session:
         run = get_run(session, run_id, for_update=True)

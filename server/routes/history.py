@@ -11,25 +11,25 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import Viewer
 from server.db import transaction
-from server.routes.metrics import MAX_STEP
-from server.schemas import DecisionPublic, DetectionProgress, StagePublic
+from server.errors import ERROR_RESPONSES
+from server.schemas import MAX_STEP, DecisionPublic, DetectionProgress, RunId, StagePublic
 from server.state import AppState, State
 from server.store import decisions
 from server.store.history import detection_progress, list_decisions, list_stages
 from server.store.runs import get_run
 
-router = APIRouter(prefix="/api/v1/runs", tags=["stages and decisions"])
+router = APIRouter(prefix="/api/v1/runs", tags=["stages and decisions"], responses=ERROR_RESPONSES)
 
 
 @router.get("/{run_id}/stages", response_model=list[StagePublic])
-def read_stages(run_id: int, state: State, _: Viewer) -> list[StagePublic]:
+def read_stages(run_id: RunId, state: State, _: Viewer) -> list[StagePublic]:
     with transaction(state.sessions) as session:
         get_run(session, run_id)
         return [StagePublic.model_validate(s, from_attributes=True) for s in list_stages(session, run_id)]
 
 
 @router.get("/{run_id}/decisions", response_model=list[DecisionPublic])
-def read_decisions(run_id: int, state: State, _: Viewer) -> list[DecisionPublic]:
+def read_decisions(run_id: RunId, state: State, _: Viewer) -> list[DecisionPublic]:
     with transaction(state.sessions) as session:
         get_run(session, run_id)
         return [decisions.public(d) for d in list_decisions(session, run_id)]
@@ -46,7 +46,7 @@ def _progress(state: AppState, run_id: int) -> DetectionProgress:
 
 @router.get("/{run_id}/detection", response_model=DetectionProgress)
 async def read_detection(
-    run_id: int,
+    run_id: RunId,
     state: State,
     _: Viewer,
     wait: Annotated[float, Query(ge=0, le=60, description="Wait up to this many seconds for the condition.")] = 0,

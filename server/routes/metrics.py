@@ -11,13 +11,17 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import Viewer, Worker
 from server.db import transaction
-from server.errors import Invalid, PayloadTooLarge, invalid_from
+from server.errors import ERROR_RESPONSES, Invalid, PayloadTooLarge, invalid_from
 from server.schemas import (
+    MAX_ID,
+    MAX_STEP,
     CommandPublic,
     IngestResult,
+    MetricKey,
     RewindList,
     RewindRequest,
     RewindResult,
+    RunId,
     SeriesResult,
     metric_batch_adapter,
 )
@@ -31,10 +35,9 @@ from server.store.runs import get_run
 from server.store.series import query_series, series_of
 from server.streaming import prefetched
 
-router = APIRouter(prefix="/api/v1/runs", tags=["metrics"])
+router = APIRouter(prefix="/api/v1/runs", tags=["metrics"], responses=ERROR_RESPONSES)
 
-MAX_STEP = 2**62
-MAX_EVENT_ID = 2**31 - 1  # events.id is a 32-bit integer on Postgres: a larger bound would be a 500, not a 422
+KEYS_DOC = "Metric keys (repeat the parameter); all if absent."
 
 
 def _openapi_body(adapter_schema: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +85,7 @@ def _ingest(state: AppState, run_id: int, body: bytes) -> IngestResult:
 
 
 @router.post("/{run_id}/metrics", response_model=IngestResult, openapi_extra=_openapi_body(BATCH_SCHEMA))
-async def ingest_metrics(run_id: int, request: Request, state: State, _: Worker) -> IngestResult:
+async def ingest_metrics(run_id: RunId, request: Request, state: State, _: Worker) -> IngestResult:
     """Store a batch of points, all or nothing.
 
     `{"points": [{"key": "loss", "step": 10, "value": 0.5, "epoch": 0.1, "time": 1732780800.0}]}`.
@@ -97,7 +100,7 @@ async def ingest_metrics(run_id: int, request: Request, state: State, _: Worker)
 
 
 @router.post("/{run_id}/rewind", response_model=RewindResult)
-def rewind_run(run_id: int, data: RewindRequest, state: State, who: Worker) -> RewindResult:
+def rewind_run(run_id: RunId, data: RewindRequest, state: State, who: Worker) -> RewindResult:
     """The run resumed from a checkpoint at `step`: points after it are moved to the audit log (recoverable
     at `GET /runs/{id}/events/{event_id}`) and those steps can be logged again."""
     with transaction(state.sessions, write=True) as session:
@@ -111,10 +114,10 @@ def rewind_run(run_id: int, data: RewindRequest, state: State, who: Worker) -> R
 
 @router.get("/{run_id}/rewinds", response_model=RewindList)
 def read_rewinds(
-    run_id: int,
+    run_id: RunId,
     state: State,
     _: Viewer,
-    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only rewinds with a larger `event_id`.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="Only rewinds with a larger `event_id`.")] = 0,
 ) -> RewindList:
     """The run's rewinds, oldest first: step, who, why and the points removed per key. The removed points
     themselves are in the audit event (`GET /runs/{id}/events/{event_id}`)."""
@@ -125,11 +128,13 @@ def read_rewinds(
 
 @router.get("/{run_id}/metrics", response_model=SeriesResult)
 def read_metrics(
-    run_id: int,
+    run_id: RunId,
     state: State,
     _: Viewer,
-    key: Annotated[list[str] | None, Query(description="Metric keys (repeat the parameter); all if absent.")] = None,
-    min_step: Annotated[int, Query(ge=0)] = 0,
+    key: Annotated[
+        list[MetricKey] | None, Query(description="Metric keys (repeat the parameter); all if absent.")
+    ] = None,
+    min_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
     max_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = MAX_STEP,
     max_points: Annotated[int | None, Query(ge=3, le=100_000, description="Per key.")] = None,
 ) -> SeriesResult:
@@ -153,13 +158,24 @@ def read_metrics(
 EXPORT_MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
-@router.get("/{run_id}/metrics/export", response_class=StreamingResponse)
+@router.get(
+    "/{run_id}/metrics/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Every point, as CSV or JSON lines.",
+            "content": {media.split(";")[0]: {"schema": {"type": "string"}} for media in EXPORT_MEDIA.values()},
+        }
+    },
+)
 def export_metrics(
-    run_id: int,
+    run_id: RunId,
     state: State,
     _: Viewer,
     format: ExportFormat = "csv",
-    key: Annotated[list[str] | None, Query(description="Metric keys (repeat the parameter); all if absent.")] = None,
+    key: Annotated[
+        list[MetricKey] | None, Query(description="Metric keys (repeat the parameter); all if absent.")
+    ] = None,
 ) -> StreamingResponse:
     """Every point at full resolution, streamed: CSV (`key,step,value,epoch,time`) or JSON lines."""
     with transaction(state.sessions) as session:

@@ -8,12 +8,15 @@ from fastapi import APIRouter, Query, Response, status
 
 from server.auth import ROLE_RANK, Viewer, Worker
 from server.db import transaction
-from server.errors import Forbidden, NotFound
+from server.errors import ERROR_RESPONSES, Forbidden, NotFound
 from server.schemas import (
+    NO_NUL,
     ClientKey,
+    EventId,
     EventList,
     EventPublic,
     RunCreate,
+    RunId,
     RunList,
     RunPublic,
     RunStatusOrStale,
@@ -24,7 +27,7 @@ from server.store import runs as store
 from server.store.events import get_event, list_events
 from server.store.runs import decode_cursor, encode_cursor
 
-router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"], responses=ERROR_RESPONSES)
 
 OPERATOR_FIELDS = frozenset({"mode", "detector", "auto_approve_after_s", "reject_backoff"})
 
@@ -58,12 +61,14 @@ def list_runs(
     state: State,
     _: Viewer,
     status_: Annotated[RunStatusOrStale | None, Query(alias="status")] = None,
-    project: str | None = None,
-    tag: str | None = None,
-    name: Annotated[str | None, Query(description="Case-insensitive substring of the run name.")] = None,
+    project: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    tag: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+    name: Annotated[
+        str | None, Query(max_length=200, pattern=NO_NUL, description="Case-insensitive substring of the run name.")
+    ] = None,
     client_key: Annotated[ClientKey | None, Query(description="The run created with this key.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
 ) -> RunList:
     """Runs, newest first, filtered; paginated with an opaque cursor."""
     flt = store.RunFilter(status=status_, project=project, tag=tag, name=name, client_key=client_key)
@@ -73,13 +78,13 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunPublic)
-def read_run(run_id: int, state: State, _: Viewer) -> RunPublic:
+def read_run(run_id: RunId, state: State, _: Viewer) -> RunPublic:
     with transaction(state.sessions) as session:
         return store.to_public(session, [store.get_run(session, run_id)], grace=state.grace)[0]
 
 
 @router.patch("/{run_id}", response_model=RunPublic)
-def update_run(run_id: int, data: RunUpdate, state: State, who: Worker) -> RunPublic:
+def update_run(run_id: RunId, data: RunUpdate, state: State, who: Worker) -> RunPublic:
     """Change name, tags, notes or status (`running`, `finished`, `failed`); with the operator role also the
     live-detection settings (`mode`, `detector`, `auto_approve_after_s`, `reject_backoff`). Every change is
     audited. A run that ends expires the proposals still waiting; a new `detector` is rebuilt from the
@@ -94,7 +99,7 @@ def update_run(run_id: int, data: RunUpdate, state: State, who: Worker) -> RunPu
 
 
 @router.post("/{run_id}/heartbeat", response_model=RunPublic)
-def post_heartbeat(run_id: int, state: State, _: Worker) -> RunPublic:
+def post_heartbeat(run_id: RunId, state: State, _: Worker) -> RunPublic:
     """Tell the server the worker is alive. Ingesting metrics counts as a heartbeat too."""
     with transaction(state.sessions, write=True) as session:
         run = store.get_run(session, run_id, for_update=True)
@@ -104,12 +109,12 @@ def post_heartbeat(run_id: int, state: State, _: Worker) -> RunPublic:
 
 @router.get("/{run_id}/events", response_model=EventList)
 def read_events(
-    run_id: int,
+    run_id: RunId,
     state: State,
     _: Viewer,
-    kind: str | None = None,
+    kind: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
 ) -> EventList:
     """The run's audit log, newest first."""
     with transaction(state.sessions) as session:
@@ -124,7 +129,7 @@ def read_events(
 
 
 @router.get("/{run_id}/events/{event_id}", response_model=EventPublic)
-def read_event(run_id: int, event_id: int, state: State, _: Viewer) -> EventPublic:
+def read_event(run_id: RunId, event_id: EventId, state: State, _: Viewer) -> EventPublic:
     """One audit event in full, e.g. a rewind with the points it replaced."""
     with transaction(state.sessions) as session:
         store.get_run(session, run_id)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from server.errors import Conflict, Invalid
 from server.models import Event, MetricPoint, Run, Series
-from server.schemas import IngestResult, PointIn, RewindPublic, encode_stored_value
+from server.schemas import IngestResult, PointIn, RewindPublic, decode_value, encode_stored_value
 from server.store import rollups
 from server.store.events import record_event
 from server.store.feed import add_feed_event
@@ -53,7 +53,7 @@ def _same(a: float | None, b: float | None) -> bool:
 def _columns(points: Sequence[PointIn], now: float) -> list[_Column]:
     keys = list(map(itemgetter("key"), points))
     steps = list(map(itemgetter("step"), points))
-    values = [None if v != v else v for v in map(itemgetter("value"), points)]  # v != v: NaN
+    values = list(map(decode_value, map(itemgetter("value"), points)))
     epochs = [p.get("epoch") for p in points]
     times = [now if t is None else t for t in (p.get("time") for p in points)]
     positions: dict[str, list[int]] = {}

@@ -16,7 +16,16 @@ from sqlalchemy.orm import Session
 
 from server.errors import Invalid, run_not_found
 from server.models import Run, RunTag, Series, Stage, utcnow
-from server.schemas import CurrentStage, LatestValue, RunCreate, RunPublic, RunUpdate, encode_stored_value, encode_value
+from server.schemas import (
+    MAX_ID,
+    CurrentStage,
+    LatestValue,
+    RunCreate,
+    RunPublic,
+    RunUpdate,
+    encode_stored_value,
+    encode_value,
+)
 from server.store.changes import mark
 from server.store.decisions import expire_proposals, pending_proposals
 from server.store.events import record_event
@@ -187,7 +196,8 @@ def decode_cursor(cursor: str) -> int:
         value = json.loads(base64.urlsafe_b64decode(cursor.encode()))["id"]
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise Invalid("cursor: not a cursor returned by this API") from exc
-    if not isinstance(value, int):
+    # bool is an int to Python; an id past the 32-bit range would be a database error, not a 422
+    if type(value) is not int or not 0 <= value <= MAX_ID:
         raise Invalid("cursor: not a cursor returned by this API")
     return value
 

@@ -35,6 +35,11 @@ def find_active_token(session: Session, plaintext: str) -> ApiToken | None:
     return row if row is not None and row.revoked_at is None else None
 
 
+def token_is_active(session: Session, token_id: int) -> bool:
+    row = session.execute(select(ApiToken.revoked_at).where(ApiToken.id == token_id)).first()
+    return row is not None and row.revoked_at is None
+
+
 def list_tokens(session: Session) -> list[ApiToken]:
     return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
