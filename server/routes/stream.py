@@ -8,7 +8,8 @@ with the current cursor, so a client can subscribe first, then load the state it
 Event kinds: ``points`` (keys and step ranges of a committed batch; small batches carry their points as
 ``[step, value, epoch, wall time]``),
 ``decision`` (a decision after any transition), ``stage`` (a stage opened, closed or updated), ``run``
-(created, updated, rewound, held).
+(created, updated, rewound, held); ``error`` in place of a stored event that cannot be encoded (the stream goes on
+past it), and ``revoked``, the last event of a stream whose token has been revoked.
 """
 
 from __future__ import annotations
