@@ -136,13 +136,13 @@ class WebSecurity:
 
         if not self.host_allowed(host):
             detail = (
-                f"Host {host!r} is not a name this server answers to; the operator lists accepted names with "
-                "--allowed-hosts (STAGEWATCH_ALLOWED_HOSTS)"
+                f"Host {(host or '')[:100]!r} is not a name this server answers to; the operator lists accepted "
+                "names with --allowed-hosts (STAGEWATCH_ALLOWED_HOSTS)"
             )
             await reject(send_with_headers, 400, detail, "invalid_host")
             return
         if scope["method"] in JSON_METHODS and has_body(headers) and not is_json(headers.get("content-type")):
-            given = headers.get("content-type") or "none"
+            given = (headers.get("content-type") or "none")[:100]
             detail = f"body: Content-Type {given} is not accepted; send JSON with Content-Type: application/json"
             await reject(send_with_headers, 415, detail, "unsupported_media_type")
             return

@@ -89,6 +89,7 @@ def test_every_kind_of_response_carries_the_security_headers(migrated_url: str) 
     settings = Settings(database_url=migrated_url, auth=True, max_body_bytes=1024)
     with LiveServer(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as http:
         operator = {"Authorization": f"Bearer {tokens['operator']}"}
+        viewer = {"Authorization": f"Bearer {tokens['viewer']}"}
         created = http.post("/api/v1/runs", json={"name": "headers"}, headers=operator)
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
@@ -96,6 +97,7 @@ def test_every_kind_of_response_carries_the_security_headers(migrated_url: str) 
             ("GET", "/api/v1/runs", {"headers": operator}, 200),  # API JSON
             ("GET", f"/api/v1/runs/{run_id}", {"headers": operator}, 200),
             ("GET", "/api/v1/runs", {}, 401),  # no token
+            ("POST", "/api/v1/runs", {"headers": viewer, "json": {"name": "x"}}, 403),  # a role short
             ("POST", f"/api/v1/runs/{run_id}/hold", {"headers": operator, "json": {"epochs": "x"}}, 422),
             ("POST", "/api/v1/runs", {"headers": operator, "json": {"name": "x" * 2000}}, 413),  # BodySizeLimit
             ("DELETE", "/api/v1/runs", {"headers": operator}, 405),
