@@ -14,7 +14,7 @@ from sqlalchemy import event
 import web
 from server import __version__
 from server.db import make_engine, make_session_factory
-from server.errors import install_error_handlers
+from server.errors import InternalErrors, install_error_handlers
 from server.limits import BodySizeLimit
 from server.live.engine import LiveDetection
 from server.migrate import check_schema
@@ -69,6 +69,10 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
         redoc_url=None,
     )
     app.state.stagewatch = state
+    # Inside the error middleware of install_error_handlers (added after it), so that a streamed body's
+    # BodyTooLarge reaches BodySizeLimit (413) instead of being answered as an internal error (500).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InternalErrors)  # outside the size limit, whose own exception answers 413
     install_error_handlers(app)
     routers = (health, runs, metrics, history, decisions, commands, stream)
     for router in (module.router for module in routers):
@@ -81,6 +85,5 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     def root() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_web_security(app, settings)  # last: the Host check and the headers wrap everything, 413s included
     return app
