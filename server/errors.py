@@ -167,8 +167,6 @@ def install_error_handlers(app: FastAPI) -> None:
         body = {"detail": detail, "code": f"http_{exc.status_code}"}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(InternalErrors)
-
 
 class InternalErrors:
     """A bug becomes a JSON 500 and the connection stays open.
