@@ -114,11 +114,15 @@ def test_bad_cursor_is_named(client: httpx.Client) -> None:
 
 
 def test_stale_after_grace_and_alive_again(migrated_url: str) -> None:
-    settings = Settings(database_url=migrated_url, auth=False, heartbeat_grace_s=0.5)
+    # A grace long enough for a loaded machine to read the run back in time; then wait for it to pass (polled,
+    # no fixed sleep: a slow machine waits longer, never fails for it).
+    settings = Settings(database_url=migrated_url, auth=False, heartbeat_grace_s=3)
     with LiveServer(create_app(settings)) as live, httpx.Client(base_url=live.url) as client:
         run_id = make_run(client)
         assert client.get(f"/api/v1/runs/{run_id}").json()["status"] == "running"
-        time.sleep(0.8)
+        deadline = time.monotonic() + 60
+        while client.get(f"/api/v1/runs/{run_id}").json()["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert client.get(f"/api/v1/runs/{run_id}").json()["status"] == "stale"
         assert [r["id"] for r in client.get("/api/v1/runs", params={"status": "stale"}).json()["data"]] == [run_id]
         assert client.get("/api/v1/runs", params={"status": "running"}).json()["data"] == []
