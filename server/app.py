@@ -69,8 +69,8 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
         redoc_url=None,
     )
     app.state.stagewatch = state
-    # Inside the error middleware of install_error_handlers (added after it), so that a streamed body's
-    # BodyTooLarge reaches BodySizeLimit (413) instead of being answered as an internal error (500).
+    # BodySizeLimit inside InternalErrors (added after it): a streamed body's BodyTooLarge reaches BodySizeLimit
+    # (413) instead of being answered as an internal error (500).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrors)  # outside the size limit, whose own exception answers 413
     install_error_handlers(app)
