@@ -11,10 +11,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.db import transaction
 from server.errors import Forbidden, Unauthorized
-from server.state import AppState, app_state
-from server.store.tokens import find_active_token
+from server.state import AppState
+from server.store.tokens import lookup_active_token
 
 ROLES = ("viewer", "worker", "operator")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -40,11 +39,10 @@ def _authenticate(state: AppState, credentials: HTTPAuthorizationCredentials | N
         return Principal("local", "operator")
     if credentials is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    with transaction(state.sessions) as session:
-        token = find_active_token(session, credentials.credentials)
-        if token is None:
-            raise Unauthorized("invalid or revoked token")
-        return Principal(f"token:{token.name}", token.role, token.id)
+    token = lookup_active_token(state.engine, credentials.credentials)
+    if token is None:
+        raise Unauthorized("invalid or revoked token")
+    return Principal(f"token:{token.name}", token.role, token.id)
 
 
 def require(role: str) -> Callable[..., Principal]:
@@ -53,7 +51,9 @@ def require(role: str) -> Callable[..., Principal]:
     def dependency(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     ) -> Principal:
-        principal = _authenticate(app_state(request), credentials)
+        # Synchronous (FastAPI runs it in its thread pool: the token lookup is blocking I/O), and so is its use by
+        # server.routes.stream; app_state is a coroutine, so the state is read here directly.
+        principal = _authenticate(request.app.state.stagewatch, credentials)
         if ROLE_RANK[principal.role] < needed:
             raise Forbidden(f"this needs the {role} role; the token has {principal.role}")
         return principal

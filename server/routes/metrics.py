@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -31,7 +31,7 @@ from server.store.commands import take_pending
 from server.store.detection import forget
 from server.store.export import ExportFormat, export_points
 from server.store.feed import add_feed_event
-from server.store.runs import get_run
+from server.store.runs import get_run, touch_run
 from server.store.series import query_series, series_of
 from server.streaming import prefetched
 
@@ -65,7 +65,7 @@ def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
 BATCH_SCHEMA = _inline_defs(metric_batch_adapter.json_schema())
 
 
-def _ingest(state: AppState, run_id: int, body: bytes) -> IngestResult:
+def _ingest(state: AppState, run_id: int, body: bytes) -> Response:
     if not body.strip():
         raise Invalid('body: expected a JSON object {"points": [...]}')
     try:
@@ -77,15 +77,17 @@ def _ingest(state: AppState, run_id: int, body: bytes) -> IngestResult:
     if len(points) > limit:
         raise PayloadTooLarge(f"points: {len(points)} points in one batch, the limit is {limit}; split the batch")
     with transaction(state.sessions, write=True) as session:
-        run = get_run(session, run_id, for_update=True)
-        result = store.ingest(session, run, points)
+        touch_run(session, run_id)  # the run's lock, its heartbeat, or a 404
+        result = store.ingest_points(session, run_id, points)
         # The worker is talking to us anyway: hand it what is waiting for it.
         result.commands = [CommandPublic.model_validate(c, from_attributes=True) for c in take_pending(session, run_id)]
-        return result
+    # Encoded here, in the worker thread: FastAPI would validate the returned model again and encode it on the
+    # event loop, which every other request waits on.
+    return Response(result.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{run_id}/metrics", response_model=IngestResult, openapi_extra=_openapi_body(BATCH_SCHEMA))
-async def ingest_metrics(run_id: RunId, request: Request, state: State, _: Worker) -> IngestResult:
+async def ingest_metrics(run_id: RunId, request: Request, state: State, _: Worker) -> Response:
     """Store a batch of points, all or nothing.
 
     `{"points": [{"key": "loss", "step": 10, "value": 0.5, "epoch": 0.1, "time": 1732780800.0}]}`.

@@ -14,6 +14,7 @@ from server.errors import Conflict, NotFound
 from server.models import Decision, Run, utcnow
 from server.schemas import CommandAck, CommandCreate
 from server.store import decisions
+from server.store.points import driver_execute
 
 PENDING = ("approved", "delivered")
 
@@ -40,6 +41,15 @@ def create_command(session: Session, run: Run, data: CommandCreate, *, actor: st
 
 def take_pending(session: Session, run_id: int, *, after: int = 0) -> list[Decision]:
     """Commands not yet acknowledged with an id above ``after``, oldest first; marks them delivered."""
+    # Every ingest asks, and almost always there is none: one indexed driver-level probe (ix_decisions_run_id_status)
+    # answers that for ~0.05 ms, where the ORM query costs ~0.5 ms. (Flushed first: it must see pending ORM rows.)
+    session.flush()
+    if not driver_execute(
+        session,
+        "SELECT 1 FROM decisions WHERE run_id = ? AND status IN (?, ?) AND id > ? LIMIT 1",
+        (run_id, *PENDING, after),
+    ):
+        return []
     commands = list(
         session.scalars(
             select(Decision)

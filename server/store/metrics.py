@@ -17,8 +17,8 @@ from server.models import Event, MetricPoint, Run, Series
 from server.schemas import IngestResult, PointIn, RewindPublic, decode_value, encode_stored_value
 from server.store import rollups
 from server.store.events import record_event
-from server.store.feed import add_feed_event
-from server.store.points import insert_points, values_at
+from server.store.feed import insert_feed_event
+from server.store.points import IN_LIST_CHUNK, driver_execute, driver_executemany, insert_points, values_at
 from server.store.runs import heartbeat
 
 
@@ -53,7 +53,8 @@ def _same(a: float | None, b: float | None) -> bool:
 def _columns(points: Sequence[PointIn], now: float) -> list[_Column]:
     keys = list(map(itemgetter("key"), points))
     steps = list(map(itemgetter("step"), points))
-    values = list(map(decode_value, map(itemgetter("value"), points)))
+    # NaN is stored as None: a float NaN (from Python callers; JSON sends "NaN") must compare equal to it on resend.
+    values = [None if v != v else v for v in map(decode_value, map(itemgetter("value"), points))]
     epochs = [p.get("epoch") for p in points]
     times = [now if t is None else t for t in (p.get("time") for p in points)]
     positions: dict[str, list[int]] = {}
@@ -96,22 +97,77 @@ def _dedupe(column: _Column) -> _Column:
     return column.take(keep)
 
 
-def _series_for(session: Session, run_id: int, keys: Sequence[str]) -> dict[str, Series]:
-    existing = {s.key: s for s in session.scalars(select(Series).where(Series.run_id == run_id, Series.key.in_(keys)))}
+@dataclass(slots=True)
+class _SeriesRow:
+    """A row of ``series`` as the ingest reads and writes it, at driver level (``server.models.Series``)."""
+
+    id: int
+    key: str
+    point_count: int
+    last_step: int | None
+    last_value: float | None
+    last_epoch: float | None
+    last_time: float | None
+
+
+SERIES_COLUMNS = "id, key, point_count, last_step, last_value, last_epoch, last_time"
+
+
+def _series_for(session: Session, run_id: int, keys: Sequence[str]) -> dict[str, _SeriesRow]:
+    """The run's series of ``keys``, created where missing. Driver-level SQL: the ORM's select, flush and
+    per-object bookkeeping cost more than the rest of a small batch's ingest (see ``points.driver_execute``)."""
+    existing: dict[str, _SeriesRow] = {}
+    for i in range(0, len(keys), IN_LIST_CHUNK):
+        chunk = keys[i : i + IN_LIST_CHUNK]
+        rows = driver_execute(
+            session,
+            f"SELECT {SERIES_COLUMNS} FROM series WHERE run_id = ? AND key IN ({','.join('?' * len(chunk))})",
+            (run_id, *chunk),
+        )
+        existing.update((row[1], _SeriesRow(*row)) for row in rows)
     for key in keys:
         if key not in existing:
-            existing[key] = Series(run_id=run_id, key=key, point_count=0)
-            session.add(existing[key])
-    session.flush()
+            ((series_id,),) = driver_execute(
+                session, "INSERT INTO series (run_id, key, point_count) VALUES (?, ?, 0) RETURNING id", (run_id, key)
+            )
+            existing[key] = _SeriesRow(series_id, key, 0, None, None, None, None)
     return existing
 
 
+def _save_series(session: Session, rows: Sequence[_SeriesRow]) -> None:
+    driver_executemany(
+        session,
+        "UPDATE series SET point_count = ?, last_step = ?, last_value = ?, last_epoch = ?, last_time = ? WHERE id = ?",
+        [(s.point_count, s.last_step, s.last_value, s.last_epoch, s.last_time, s.id) for s in rows],
+    )
+
+
 def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResult:
+    """Store a batch into ``run`` (loaded with the ORM) and record its heartbeat; see :func:`ingest_points`."""
+    result = ingest_points(session, run.id, points)
+    heartbeat(run)
+    return result
+
+
+def ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> IngestResult:
     """Store a batch. Identical resends are counted as duplicates; a changed value is a 409 and the whole
-    batch is rejected, so a failed request changes nothing."""
+    batch is rejected, so a failed request changes nothing. The caller holds the run's lock
+    (:func:`server.store.runs.touch_run` or ``get_run(..., for_update=True)``) and records its heartbeat.
+
+    Runs at driver level, beside the ORM: pending ORM changes are flushed first (the SQL below must see them),
+    and ORM objects loaded before are expired afterwards (they must not keep series counts this changed)."""
+    session.flush()
+    try:
+        return _ingest_points(session, run_id, points)
+    finally:
+        if len(session.identity_map):
+            session.expire_all()
+
+
+def _ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> IngestResult:
     columns = _columns(points, time.time())
-    series = _series_for(session, run.id, [c.key for c in columns])
-    fresh: list[tuple[Series, _Column]] = []
+    series = _series_for(session, run_id, [c.key for c in columns])
+    fresh: list[tuple[_SeriesRow, _Column]] = []
     conflicts: list[dict[str, Any]] = []
     for column in columns:
         s = series[column.key]
@@ -140,9 +196,8 @@ def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResul
     if rows:
         insert_points(session, rows)
         rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
-    heartbeat(run)
-    if fresh:
-        add_feed_event(session, run.id, "points", {"keys": {s.key: _feed_summary(new) for s, new in fresh}})
+        _save_series(session, [s for s, _ in fresh])
+        insert_feed_event(session, run_id, "points", {"keys": {s.key: _feed_summary(new) for s, new in fresh}})
     return IngestResult(accepted=len(points), inserted=inserted, duplicates=len(points) - inserted)
 
 
@@ -181,7 +236,7 @@ def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_C
     return column.take(keep), conflicts
 
 
-def _advance_latest(s: Series, new: _Column) -> None:
+def _advance_latest(s: _SeriesRow, new: _Column) -> None:
     s.point_count += len(new.steps)
     top = max(range(len(new.steps)), key=new.steps.__getitem__)
     if s.last_step is None or new.steps[top] > s.last_step:

@@ -8,10 +8,15 @@ array, whose plan stays an index lookup even before the table has statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import Column
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+
+from server.models import Base
 
 PointRow = tuple[int, float | None, float | None, float]  # step, value (None = NaN), epoch, time
 
@@ -31,6 +36,68 @@ def driver_cursor(session: Session) -> tuple[Any, str]:
     """A DB-API cursor inside the session's transaction, and the driver's parameter marker."""
     driver, dialect = _driver(session)
     return driver.cursor(), "%s" if dialect == "postgresql" else "?"
+
+
+def driver_execute(session: Session, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """One statement on the DB-API cursor of the session's transaction, written with ``?`` markers (turned
+    into ``%s`` for Postgres, so the SQL holds no literal ``?`` or ``%``); its rows, if any. The ingest hot path
+    sends a dozen small statements per request, and the ORM spends ~0.2 ms of Python on each where the database
+    needs ~0.01 ms: see ``server.store.metrics``."""
+    driver, dialect = _driver(session)
+    if dialect == "postgresql":
+        sql = sql.replace("?", "%s")
+    cursor = driver.cursor()
+    try:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+    finally:
+        cursor.close()
+
+
+def driver_executemany(session: Session, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``driver_execute`` once per row, in one driver call (SQLite loops in C; psycopg pipelines the rows)."""
+    driver, dialect = _driver(session)
+    if dialect == "postgresql":
+        sql = sql.replace("?", "%s")
+    cursor = driver.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    finally:
+        cursor.close()
+
+
+def driver_rowcount(session: Session, sql: str, params: Sequence[Any] = ()) -> int:
+    """``driver_execute`` for an UPDATE or DELETE: the number of rows it matched."""
+    driver, dialect = _driver(session)
+    if dialect == "postgresql":
+        sql = sql.replace("?", "%s")
+    cursor = driver.cursor()
+    try:
+        cursor.execute(sql, params)
+        count: int = cursor.rowcount
+        return count
+    finally:
+        cursor.close()
+
+
+@lru_cache(maxsize=256)  # per engine (tests build many), column and direction
+def _processor(table: str, column: str, dialect: Dialect, *, bind: bool) -> Callable[[Any], Any] | None:
+    col: Column[Any] = Base.metadata.tables[table].c[column]
+    impl = col.type.dialect_impl(dialect)
+    return impl.bind_processor(dialect) if bind else impl.result_processor(dialect, None)
+
+
+def to_driver(session: Session, table: str, column: str, value: Any) -> Any:
+    """``value`` as the ORM would hand it to the driver for ``table.column`` (a JSON document encoded, a UTC
+    datetime formatted for SQLite): rows written at driver level read back exactly like the ORM's."""
+    process = _processor(table, column, session.get_bind().dialect, bind=True)
+    return value if process is None else process(value)
+
+
+def from_driver(session: Session, table: str, column: str, value: Any) -> Any:
+    """A value read at driver level as the ORM would return it (JSON decoded: ``'null'`` is None)."""
+    process = _processor(table, column, session.get_bind().dialect, bind=False)
+    return value if process is None else process(value)
 
 
 def insert_points(session: Session, rows: Sequence[tuple[int, int, float | None, float | None, float]]) -> None:
