@@ -142,7 +142,7 @@ def open_run_page(page: Page, base_url: str, run_id: int, points: int) -> dict[s
     after checking the chart."""
     page.goto(f"{base_url}/ui/run.html?id={run_id}")
     page.wait_for_function(
-        "window.__stagewatch && window.__stagewatch.firstChart != null", timeout=LOAD_TIMEOUT_MS, polling=20
+        "() => window.__stagewatch && window.__stagewatch.firstChart != null", timeout=LOAD_TIMEOUT_MS, polling=20
     )
     marks: dict[str, float] = page.evaluate(
         "(names) => Object.fromEntries(names.map((n) => [n, performance.getEntriesByName(n)[0].startTime / 1000]))",
@@ -216,7 +216,7 @@ def new_point_latency(
         page = context.new_page()
         open_run_page(page, base_url, run_id, points)
         page.wait_for_function(
-            "document.getElementById('live-state').dataset.state === 'live'", timeout=LOAD_TIMEOUT_MS
+            "() => document.getElementById('live-state').dataset.state === 'live'", timeout=LOAD_TIMEOUT_MS
         )
         rng = random.Random(7)
         for i in range(samples):

@@ -74,7 +74,8 @@ def proposals(client: httpx.Client, run_id: int) -> list[dict[str, Any]]:
 def screenshot(page: Page, url: str, path: Path, *, full_page: bool) -> None:
     page.goto(url)
     page.wait_for_function(
-        "window.__stagewatch && (window.__stagewatch.firstChart != null || window.__stagewatch.loadedAt != null)"
+        # A function, not a bare expression: Playwright polls an expression with eval, which the CSP refuses.
+        "() => window.__stagewatch && (window.__stagewatch.firstChart != null || window.__stagewatch.loadedAt != null)"
     )
     page.wait_for_timeout(1500)  # the stage lookups of the runs page, hover-free charts
     page.screenshot(path=str(path), full_page=full_page)
