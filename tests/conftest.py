@@ -22,7 +22,9 @@ import psycopg
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from playwright.sync_api import Browser, sync_playwright
 
+from benchmarks.bench_dashboard import CHROMIUM, CHROMIUM_ARGS
 from server.app import create_app
 from server.db import make_engine, make_session_factory, transaction
 from server.migrate import upgrade
@@ -193,3 +195,20 @@ def secured(migrated_url: str) -> Iterator[tuple[str, dict[str, str]]]:
     with LiveServer(create_app(Settings(database_url=migrated_url, auth=True))) as live:
         yield live.url, tokens
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """One Chromium for the session (Debian's, driven by Playwright; never `playwright install`)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install chromium) or point "
+            "STAGEWATCH_CHROMIUM at a Chromium binary. The dashboard tests need a real browser.",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()

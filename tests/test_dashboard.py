@@ -23,11 +23,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, Page, ViewportSize, expect
 
 import trainer
 import web
-from benchmarks.bench_dashboard import CHROMIUM, CHROMIUM_ARGS  # one place for Chromium's settings
 from server.app import create_app
 from server.db import make_engine, make_session_factory, transaction
 from server.settings import Settings
@@ -50,22 +49,6 @@ expect.set_options(timeout=UI_TIMEOUT_MS)
 def migrated_url(tmp_path: Path, migrated_templates: dict[str, str]) -> str:
     """SQLite only: storage is tested on both engines elsewhere; here it is the browser side."""
     return sqlite_copy(migrated_templates, tmp_path)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install chromium) or point "
-            "STAGEWATCH_CHROMIUM at a Chromium binary. The dashboard tests need a real browser.",
-            pytrace=False,
-        )
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
 
 
 class Tab:

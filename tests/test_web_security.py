@@ -17,10 +17,9 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, Response, sync_playwright
+from playwright.sync_api import Browser, Page, Response
 
 import web
-from benchmarks.bench_dashboard import CHROMIUM, CHROMIUM_ARGS
 from server.app import create_app
 from server.cli import build_parser
 from server.db import make_engine, make_session_factory, transaction
@@ -338,18 +337,6 @@ def test_the_policy_allows_inline_code_only_by_hash() -> None:
 
 
 # --- in Chromium ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set STAGEWATCH_CHROMIUM)")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
 
 
 class Watched:
