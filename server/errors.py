@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.limits import TrackedSend
 from server.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -182,18 +183,12 @@ class InternalErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if started:
+            if tracked.started:
                 raise
             body = {"detail": "internal error; see the server log", "code": "internal"}
             await JSONResponse(body, status_code=500)(scope, receive, send)

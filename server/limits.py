@@ -11,6 +11,19 @@ class BodyTooLarge(Exception):
     pass
 
 
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response has started: a middleware that answers for a failed
+    request may do so only before the app sent anything."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+
 class BodySizeLimit:
     """Rejects bodies over ``max_bytes``: at once when Content-Length says so, otherwise (chunked uploads)
     as soon as the streamed bytes pass the limit."""
@@ -28,7 +41,6 @@ class BodySizeLimit:
                 await self._reject(send, int(value))
                 return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -39,15 +51,11 @@ class BodySizeLimit:
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except BodyTooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(send, received)
 
     async def _reject(self, send: Send, size: int) -> None:
