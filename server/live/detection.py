@@ -40,6 +40,7 @@ from server.store import decisions
 from server.store import detection as store
 from server.store.detection import CHUNK
 from server.store.feed import add_feed_event
+from server.store.points import driver_execute, from_driver, to_driver
 
 
 @dataclass
@@ -52,7 +53,11 @@ class PassResult:
 
 
 def _lr_key(run: Run) -> str:
-    return str((run.detector or {}).get("lr_key", "lr"))
+    return _lr_key_of(run.detector)
+
+
+def _lr_key_of(detector: dict[str, Any] | None) -> str:
+    return str((detector or {}).get("lr_key", "lr"))
 
 
 def build_detector(config: dict[str, Any]) -> Detector[Any]:
@@ -272,9 +277,61 @@ def _feed_detector(
 
 def process_run(session: Session, run_id: int) -> PassResult:
     """One pass over ``run_id``; call inside a write transaction."""
+    quick = _quick_pass(session, run_id)
+    if quick is not None:
+        return quick
     # Reads must not flush the half-updated state row each time (a dozen UPDATEs per pass): flush explicitly.
     with session.no_autoflush:
         return _process_run(session, run_id)
+
+
+def _quick_pass(session: Session, run_id: int) -> PassResult | None:
+    """The pass of most commits, at driver level: a run without a detector whose stages are under way and whose
+    new LR points (if any) repeat the LR in effect. The full pass would only move ``lr_step`` (and stamp
+    ``updated_at``) -- so this does exactly that, in ~0.2 ms instead of ~2 ms of ORM work, which every ingest
+    paid and, on SQLite, under the database's write lock. A pass with nothing to follow writes nothing (the full
+    pass would stamp ``updated_at``, which nothing reads). None: the full pass is needed (a detector, a first
+    pass, a new LR value, a stage to open or fill in, more points than one read)."""
+    lock = " FOR UPDATE" if session.get_bind().dialect.name == "postgresql" else ""  # run row first, as all writers
+    run = driver_execute(session, f"SELECT detector FROM runs WHERE id = ?{lock}", (run_id,))
+    if not run:
+        return PassResult()  # as _process_run: no such run (deleted meanwhile)
+    if from_driver(session, "runs", "detector", run[0][0]) is not None:
+        return None
+    state = driver_execute(
+        session, f"SELECT config, lr, lr_step FROM detector_states WHERE run_id = ?{lock}", (run_id,)
+    )
+    if not state:
+        return None  # the first pass writes the state row
+    config, lr, lr_step = state[0]
+    if from_driver(session, "detector_states", "config", config) != {}:
+        return None  # the detector was removed: the full pass forgets its configuration
+    lr_series = driver_execute(
+        session, "SELECT id FROM series WHERE run_id = ? AND key = ?", (run_id, _lr_key_of(None))
+    )
+    if not lr_series:
+        return PassResult()  # no LR logged: nothing to follow
+    points = driver_execute(
+        session,
+        "SELECT step, value FROM metric_points WHERE series_id = ? AND step > ? ORDER BY step LIMIT ?",
+        (lr_series[0][0], -1 if lr_step is None else lr_step, CHUNK),  # steps are >= 0
+    )
+    if not points:
+        return PassResult()  # no new LR point: nothing to follow
+    if lr is None or len(points) >= CHUNK or any(v is not None and math.isfinite(v) and v != lr for _, v in points):
+        return None  # the first LR or a new one: a stage opens or gets its LR
+    # _follow_lr works on the last touchable stage: with an open last stage that is it; it must have its LR.
+    last = driver_execute(
+        session, 'SELECT end_step, lr FROM stages WHERE run_id = ? ORDER BY "index" DESC LIMIT 1', (run_id,)
+    )
+    if not last or last[0][0] is not None or last[0][1] is None:
+        return None
+    driver_execute(
+        session,
+        "UPDATE detector_states SET lr_step = ?, updated_at = ? WHERE run_id = ?",
+        (points[-1][0], to_driver(session, "detector_states", "updated_at", utcnow()), run_id),
+    )
+    return PassResult()
 
 
 def _first_touchable(row: DetectorState, config: dict[str, Any]) -> int | None:
