@@ -365,3 +365,94 @@ def test_noise_around_the_first_value_is_not_a_collapse() -> None:
         for s in range(20)
         for d in replay(*wandering_loss(s), preset="step", max_decays=10, diverge_min_gain=0.1)
     )
+
+
+# --- stages after an LR change, the stage-wide noise, the window cap ---------------------------------------------
+
+# A stage after a decay judged like the first one (the epoch preset's first-stage values).
+LATER_AS_FIRST: dict[str, object] = {
+    "later_smooth": 3,
+    "later_min_window_blocks": 4,
+    "later_min_stage": 5,
+    "later_window": 0.5,
+    "later_rho": 0.1,
+    "later_confirm": 2,
+}
+
+
+def first_stage_then(after: object, seed: int) -> object:
+    """``accuracy_at(epoch, decayed)``: a noisy first plateau at 0.85, then ``after(t, noise)`` ``t`` epochs
+    after the decay (low noise)."""
+    rng = np.random.default_rng(400 + seed)
+    noise = (rng.normal(0, 0.02, 130), rng.normal(0, 0.002, 130))
+
+    def accuracy_at(epoch: int, decayed: int | None) -> float:
+        if decayed is None:
+            return float(0.85 - 0.75 * np.exp(-epoch / 2.0) + noise[0][epoch])
+        return float(after(epoch - decayed, noise[1][epoch]))  # type: ignore[operator]
+
+    return accuracy_at
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_stage_after_a_decay_that_has_settled_ends_within_a_few_epochs(seed: int) -> None:
+    """At a small LR the metric settles within an epoch or two and hardly zig-zags: the preset judges such a
+    stage on single epochs, a 3-epoch window and one test, so the stop comes a few epochs after it settled
+    (judged like the first stage -- 3-epoch means, half the stage, two tests -- it comes later)."""
+    settled = first_stage_then(lambda t, e: 0.95 - 0.08 * np.exp(-t / 1.0) + e, seed)
+    made = run_closed_loop(settled, max_decays=1)
+    assert [a for _, a in made] == ["decay", "stop"], made
+    # Settled to within its noise (0.002 of a 0.08 climb) about 4 epochs after the decay; stopped by 8.
+    assert made[1][0] - made[0][0] <= 8
+    slow = run_closed_loop(settled, max_decays=1, **LATER_AS_FIRST)  # type: ignore[arg-type]
+    assert [a for _, a in slow] == ["decay", "stop"], slow
+    assert slow[0][0] == made[0][0] and slow[1][0] >= made[1][0] + 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_stage_after_a_decay_still_climbing_is_not_cut_short(seed: int) -> None:
+    """The faster terms of a later stage are not a floor: a second stage that climbs 0.3 points an epoch for
+    15 epochs, well above its noise, goes on until the climb ends."""
+    climbing = first_stage_then(lambda t, e: 0.90 + 0.003 * min(t, 15) + e / 4, seed)
+    made = run_closed_loop(climbing, max_decays=1)
+    assert [a for _, a in made] == ["decay", "stop"], made
+    assert made[1][0] - made[0][0] >= 16  # the climb ends 15 epochs after the decay
+
+
+def test_an_lr_change_from_outside_starts_a_later_stage() -> None:
+    """A schedule's or a person's LR change also starts a stage judged on the later terms, and the count of
+    such changes survives a restart of the detector."""
+    detector = make_detector("autodecay", {"initial_lr": 0.1, "mode": "max"})
+    assert detector._later(1, 3) == 3  # type: ignore[attr-defined]
+    detector.set_lr(0.01)
+    assert detector._later(1, 3) == 1  # type: ignore[attr-defined]
+    restored = make_detector("autodecay", {"initial_lr": 0.1, "mode": "max"})
+    restored.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert restored._later(1, 3) == 1  # type: ignore[attr-defined]
+
+
+def test_an_explicit_first_stage_value_holds_for_later_stages_too() -> None:
+    """The preset's later_ values were chosen against its own first-stage values: a value given explicitly
+    applies to every stage unless its later_ counterpart is given as well."""
+    preset = make_detector("autodecay", {"mode": "max"}).params
+    assert (preset.smooth, preset.later_smooth) == (3, 1)
+    explicit = make_detector("autodecay", {"mode": "max", "smooth": 2}).params
+    assert explicit.later_smooth is None
+    both = make_detector("autodecay", {"mode": "max", "smooth": 2, "later_smooth": 1}).params
+    assert both.later_smooth == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_long_zigzagging_stage_is_judged_on_a_capped_window(seed: int) -> None:
+    """A first stage that climbs for 20 epochs (1.5 points an epoch, noise 3 points) and then only zig-zags
+    ends about 10-15 epochs after its climb: the window is half the stage but at most 8 epochs. Uncapped, half
+    of a 40-epoch stage is a 20-epoch window whose luckiest epoch keeps moving the best: it ends much later."""
+    rng = np.random.default_rng(500 + seed)
+    epochs = np.arange(1, 61)
+    accuracy = 0.55 + 0.015 * np.minimum(epochs, 20) + rng.normal(0, 0.03, 60)
+    capped = replay(epochs * 100, accuracy, mode="max", chance=0.1)
+    assert capped and capped[0].action == "decay"
+    assert 20 * 100 < capped[0].step <= 36 * 100
+    assert capped[0].evidence.details["window_blocks"] == 8
+    uncapped = replay(epochs * 100, accuracy, mode="max", chance=0.1, max_window_blocks=None)
+    assert not uncapped or uncapped[0].step >= capped[0].step + 8 * 100

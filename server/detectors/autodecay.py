@@ -12,7 +12,9 @@ noise of per-step losses.
 
 1. *Level*: the running mean of the last ``smooth`` blocks of the stage, and its best value so far.
 2. *Recent gain* ``g``: how much the best level improved during the recent window (the last ``window`` share
-   of the stage, at least ``min_window_blocks`` blocks): the best before the window minus the best now.
+   of the stage, at least ``min_window_blocks`` and at most ``max_window_blocks`` blocks): the best before the
+   window minus the best now. The cap keeps a long, zig-zagging stage from being judged on a window so wide
+   that the luckiest epoch in it, not a trend, moves the best.
 3. *Noise margin* ``delta = z * sigma * sqrt(2 / smooth)``: ``z`` times the noise of a difference of two levels,
    with the per-block noise ``sigma`` estimated from the mean absolute second difference within the window
    (``sigma = mean|y_t - 2 y_(t-1) + y_(t-2)| * sqrt(pi / 12)`` for Gaussian noise): second differences cancel
@@ -24,6 +26,13 @@ noise of per-step losses.
    than a small share of the stage's own pace. A curve that zig-zags without getting better ends its stage
    (its noise is large, its best does not move); a slow climb that beats the noise keeps it going; a
    noise-free curve that flattens ends it through the pace margin. There is no "no pace, no decision" case.
+5. *Stages after an LR change* (a decay, or a change from a schedule or a person) are judged on their own
+   terms, the ``later_*`` parameters: at a small LR the metric settles within an epoch or two and hardly
+   zig-zags, so the epoch preset judges it on single epochs (``later_smooth=1``), a 3-epoch window, one test
+   and a larger share of its pace (``later_rho``). The last stage's stop then comes a few epochs after that
+   stage has settled, not ten: the same evidence, read at the noise level of that stage. A later stage that
+   still climbs beyond its noise goes on (the terms are not a floor). A parameter given explicitly applies to
+   every stage unless its ``later_`` counterpart is given too.
 
 ``rule="rate"`` (the ``step`` preset: noisy per-step minibatch losses):
 
@@ -73,10 +82,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "block": 1,
         "min_stage": 5,
         "confirm": 2,
-        "window": 0.3,
+        "window": 0.5,
         "min_window_blocks": 4,
+        "max_window_blocks": 8,
         "z": 1.0,
         "smooth": 3,
+        "later_smooth": 1,
+        "later_min_window_blocks": 3,
+        "later_min_stage": 3,
+        "later_window": 0.3,
+        "later_rho": 0.25,
+        "later_confirm": 1,
         "diverge_points": 2,
         "diverge_nonfinite": 2,
     },
@@ -95,6 +111,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+LATER_KEYS = ("smooth", "min_window_blocks", "window", "rho", "min_stage", "confirm")
+
+
 class AutoDecayParams(DetectorParams):
     preset: Literal["epoch", "step"] = Field(
         default="epoch", description="Defaults for per-epoch metrics or for a noisy per-step loss."
@@ -110,7 +129,31 @@ class AutoDecayParams(DetectorParams):
     z: float = Field(default=1.0, ge=0, description="Normal quantile of the noise bound (1.64: 95%).")
     window: float = Field(default=0.3, gt=0, le=1, description="Recent window, as a share of the stage.")
     min_window_blocks: int = Field(default=4, ge=3)
+    max_window_blocks: int | None = Field(
+        default=None, ge=3, description="rule best: the recent window holds at most this many blocks (None: no cap)."
+    )
     smooth: int = Field(default=3, ge=1, description="rule best: blocks in the running mean of the level.")
+    later_smooth: int | None = Field(
+        default=None,
+        ge=1,
+        description="rule best: smooth of a stage that follows an LR change (a small LR is less noisy); default "
+        "smooth.",
+    )
+    later_min_window_blocks: int | None = Field(
+        default=None, ge=3, description="min_window_blocks of a stage that follows an LR change; default the same."
+    )
+    later_window: float | None = Field(
+        default=None, gt=0, le=1, description="window of a stage that follows an LR change; default the same."
+    )
+    later_rho: float | None = Field(
+        default=None, gt=0, lt=1, description="rho of a stage that follows an LR change; default the same."
+    )
+    later_confirm: int | None = Field(
+        default=None, ge=1, description="confirm of a stage that follows an LR change; default the same."
+    )
+    later_min_stage: int | None = Field(
+        default=None, ge=2, description="min_stage of a stage that follows an LR change; default the same."
+    )
     block: int = Field(default=1, ge=1, description="Points per block at the start of a stage.")
     max_blocks: int = Field(default=128, ge=16, description="Blocks double in size beyond twice this many.")
     warmup: int = Field(default=0, ge=0, description="Points ignored at the start of the run (LR warm-up).")
@@ -136,7 +179,12 @@ class AutoDecayParams(DetectorParams):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            preset = PRESETS.get(str(data.get("preset", "epoch")), {})
+            preset = dict(PRESETS.get(str(data.get("preset", "epoch")), {}))
+            # A value given explicitly holds for every stage unless its later_ value is given too: the preset's
+            # later_ value was chosen against the preset's own first-stage value, not against this one.
+            for key in LATER_KEYS:
+                if key in data and f"later_{key}" not in data:
+                    preset.pop(f"later_{key}", None)
             return {**preset, **data}
         return data
 
@@ -268,6 +316,7 @@ class AutoDecay(Detector[AutoDecayParams]):
         self.stopped = False
         self.reference_rate = 0.0  # rule rate: the fastest pace of a stage that already ended
         self.agreeing = 0  # consecutive tests that found the stage ended
+        self.lr_changes = 0  # LR changes this detector did not decide (a schedule, a person)
         self.stage: _Stage | None = None
         chance = params.chance
         self.guard = DivergenceGuard(
@@ -290,7 +339,7 @@ class AutoDecay(Detector[AutoDecayParams]):
         if self.seen <= p.warmup:
             return []
         if self.stage is None:
-            self.stage = _Stage(step, p.block, p.smooth)
+            self.stage = _Stage(step, p.block, self._later(p.later_smooth, p.smooth))
         loss = value if p.mode == "min" else -value
         block_value = self.stage.add(step, loss)
         if block_value is None:
@@ -299,12 +348,21 @@ class AutoDecay(Detector[AutoDecayParams]):
         if evidence is not None:
             return [self._diverged(step, evidence)]
         self.stage.merge_if_full(p.max_blocks)
-        if self.stage.points < p.min_stage:
+        if self.stage.points < self._later(p.later_min_stage, p.min_stage):
+            return []
+        if self.guard.bad > 0:
+            # A block back at chance: a collapse may be starting. Its jump is no evidence about the stage (it
+            # would pass for noise), so the stage is not judged until the divergence rule has ruled it out.
+            self.agreeing = 0
             return []
         decision = self._test_best(step) if p.rule == "best" else self._test_rate(step)
         if decision is not None:
             self.stage = None  # the next point starts the next stage
         return [decision] if decision is not None else []
+
+    def _later(self, later: Any, first: Any) -> Any:
+        """``later`` for a stage that follows an LR change (``first`` if not set), ``first`` for the first stage."""
+        return first if later is None or self.decays + self.lr_changes == 0 else later
 
     def _diverged(self, step: int, evidence: Evidence) -> Decision:
         self.stopped = True
@@ -315,7 +373,7 @@ class AutoDecay(Detector[AutoDecayParams]):
     def _agreed(self) -> bool:
         # One test per block is many tests: a single pass could be noise. Several in a row are not.
         self.agreeing += 1
-        if self.agreeing < self.params.confirm:
+        if self.agreeing < self._later(self.params.later_confirm, self.params.confirm):
             return False
         self.agreeing = 0
         return True
@@ -324,15 +382,20 @@ class AutoDecay(Detector[AutoDecayParams]):
         p, stage = self.params, self.stage
         assert stage is not None
         n = len(stage.ys)
-        width = max(p.min_window_blocks, math.ceil(p.window * n))
+        smooth = stage.smooth
+        min_width = self._later(p.later_min_window_blocks, p.min_window_blocks)
+        width = max(min_width, math.ceil(self._later(p.later_window, p.window) * n))
+        if p.max_window_blocks is not None:
+            width = max(min_width, min(width, p.max_window_blocks))
+        rho = self._later(p.later_rho, p.rho)
         if n < width + 1:
             return None
         before = n - width - 1  # the last block before the recent window
         gain = stage.best[before] - stage.best[-1]  # >= 0: how much the best level improved in the window
         stage_gain = stage.levels[0] - stage.best[-1]  # the stage's whole improvement of the level
         sigma = stage.noise(n - width)
-        noise_margin = p.z * sigma * math.sqrt(2.0 / min(p.smooth, n))
-        pace_margin = p.rho * max(stage_gain, 0.0) * width / n
+        noise_margin = p.z * sigma * math.sqrt(2.0 / min(smooth, n))
+        pace_margin = rho * max(stage_gain, 0.0) * width / n
         threshold = max(noise_margin, pace_margin)
         if gain > threshold:
             self.agreeing = 0
@@ -345,11 +408,11 @@ class AutoDecay(Detector[AutoDecayParams]):
         best_step = stage.start_step + int(stage.xs[best_block])
         unit = "block" if stage.block > 1 else "point"
         what = "loss" if p.mode == "min" else "metric"
-        level = f"mean of the last {p.smooth} {unit}s" if p.smooth > 1 else f"{unit} value"
+        level = f"mean of the last {smooth} {unit}s" if smooth > 1 else f"{unit} value"
         why = (
             f"{p.z:g} x the noise of such a mean ({sigma:.3g} per {unit})"
             if noise_margin >= pace_margin
-            else f"{p.rho:.0%} of what the stage's own pace would have gained in the window"
+            else f"{rho:.0%} of what the stage's own pace would have gained in the window"
         )
         sentence = (
             f"Over steps {window_start}-{step} (the last {width} {unit}s of the stage) the best {level} of the "
@@ -362,7 +425,7 @@ class AutoDecay(Detector[AutoDecayParams]):
             "stage_start_step": stage.start_step,
             "stage_blocks": n,
             "window_blocks": width,
-            "window_is_minimum": "yes" if width == p.min_window_blocks else "no",
+            "window_is_minimum": "yes" if width == min_width else "no",
             "best_level": sign * stage.best[-1],
             "best_step": best_step,
             "level_now": sign * stage.levels[-1],
@@ -372,9 +435,9 @@ class AutoDecay(Detector[AutoDecayParams]):
             "noise_margin": noise_margin,
             "pace_margin": pace_margin,
             "block_points": stage.block,
-            "smooth_blocks": p.smooth,
+            "smooth_blocks": smooth,
             "z": p.z,
-            "rho": p.rho,
+            "rho": rho,
         }
         evidence = Evidence(
             window=(window_start, step),
@@ -476,6 +539,7 @@ class AutoDecay(Detector[AutoDecayParams]):
         if self.lr is not None and lr != self.lr:
             self.stage = None
             self.agreeing = 0
+            self.lr_changes += 1
         super().set_lr(lr)
 
     def _state(self) -> dict[str, Any]:
@@ -485,6 +549,7 @@ class AutoDecay(Detector[AutoDecayParams]):
             "stopped": self.stopped,
             "reference_rate": self.reference_rate,
             "agreeing": self.agreeing,
+            "lr_changes": self.lr_changes,
             "stage": None if self.stage is None else self.stage.to_dict(),
             "divergence": self.guard.to_dict(),
         }
@@ -495,6 +560,7 @@ class AutoDecay(Detector[AutoDecayParams]):
         self.stopped = state["stopped"]
         self.reference_rate = state["reference_rate"]
         self.agreeing = state["agreeing"]
+        self.lr_changes = state.get("lr_changes", 0)  # absent in states saved before later stages had params
         self.stage = None if state["stage"] is None else _Stage.from_dict(state["stage"], self.params.smooth)
         if "divergence" in state:  # absent in states saved before the divergence check existed
             self.guard.load(state["divergence"])
