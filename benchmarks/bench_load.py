@@ -263,6 +263,7 @@ def measure_floor(server: Server, floor_url: str, run_id: int, requests: int) ->
 @dataclass
 class WorkerLog:
     sent: int = 0
+    sent_at: list[float] = field(default_factory=list)  # seconds since t0, of each answered request
     latencies: list[float] = field(default_factory=list)
     lateness: list[float] = field(default_factory=list)
     acknowledged: int = 0
@@ -270,38 +271,48 @@ class WorkerLog:
     error_samples: list[str] = field(default_factory=list)
 
 
-async def worker(
-    base_url: str, token: str, run_id: int, bodies: Sequence[bytes], t0: float, phase: float, log: WorkerLog
-) -> None:
-    headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
-    url = f"/api/v1/runs/{run_id}/metrics"
-    async with httpx.AsyncClient(
+def worker_client(base_url: str, token: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
         base_url=base_url,
+        headers={"Authorization": f"Bearer {token}", "content-type": "application/json"},
         timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-    ) as client:
-        for k, body in enumerate(bodies):
-            due = t0 + phase + k
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            started = time.perf_counter()
-            log.lateness.append(max(0.0, started - due))
-            log.sent += 1
-            try:
-                response = await client.post(url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
-                log.errors += 1
-                if len(log.error_samples) < 3:
-                    log.error_samples.append(f"{type(exc).__name__}: {exc}")
-                continue
-            log.latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                log.errors += 1
-                if len(log.error_samples) < 3:
-                    log.error_samples.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                continue
-            log.acknowledged += response.json()["inserted"]
+    )
+
+
+async def connect(client: httpx.AsyncClient) -> None:
+    """Opens the worker's keep-alive connection before the clock starts (a worker connects once, not per batch)."""
+    response = await client.get("/healthz")
+    response.raise_for_status()
+
+
+async def worker(
+    client: httpx.AsyncClient, run_id: int, bodies: Sequence[bytes], t0: float, phase: float, log: WorkerLog
+) -> None:
+    url = f"/api/v1/runs/{run_id}/metrics"
+    for k, body in enumerate(bodies):
+        due = t0 + phase + k
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        started = time.perf_counter()
+        log.lateness.append(max(0.0, started - due))
+        log.sent += 1
+        try:
+            response = await client.post(url, content=body)
+        except httpx.HTTPError as exc:
+            log.errors += 1
+            if len(log.error_samples) < 3:
+                log.error_samples.append(f"{type(exc).__name__}: {exc}")
+            continue
+        log.latencies.append(time.perf_counter() - started)
+        log.sent_at.append(started - t0)
+        if response.status_code != 200:
+            log.errors += 1
+            if len(log.error_samples) < 3:
+                log.error_samples.append(f"HTTP {response.status_code}: {response.text[:200]}")
+            continue
+        log.acknowledged += response.json()["inserted"]
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -360,19 +371,24 @@ async def run_load(
 ) -> tuple[list[WorkerLog], float]:
     rng = random.Random(seed)
     logs = [WorkerLog() for _ in run_ids]
-    t0 = time.perf_counter() + 1.0  # every client made before the first batch is due
-    tasks = [
-        asyncio.create_task(worker(server.base_url, server.token, run_id, bodies, t0, rng.random(), log))
-        for run_id, log in zip(run_ids, logs, strict=True)
-    ]
-    done, pending = await asyncio.wait(tasks, timeout=len(bodies) + 1.0 + DRAIN_GRACE_S)
-    for task in pending:
-        task.cancel()
-    for task in done:
-        task.result()  # a bug in the generator must not pass for a measurement
-    if pending:
-        raise RuntimeError(f"{len(pending)} workers still busy {DRAIN_GRACE_S:.0f} s after their last batch was due")
-    return logs, time.perf_counter() - t0
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(worker_client(server.base_url, server.token)) for _ in run_ids]
+        await asyncio.gather(*(connect(client) for client in clients))
+        t0 = time.perf_counter() + 0.5
+        tasks = [
+            asyncio.create_task(worker(client, run_id, bodies, t0, rng.random(), log))
+            for client, run_id, log in zip(clients, run_ids, logs, strict=True)
+        ]
+        done, pending = await asyncio.wait(tasks, timeout=len(bodies) + 1.0 + DRAIN_GRACE_S)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            task.result()  # a bug in the generator must not pass for a measurement
+        if pending:
+            raise RuntimeError(
+                f"{len(pending)} workers still busy {DRAIN_GRACE_S:.0f} s after their last batch was due"
+            )
+        return logs, time.perf_counter() - t0
 
 
 def count_stored(server: Server, run_ids: Sequence[int]) -> dict[int, int]:
@@ -417,6 +433,16 @@ def bench_engine(engine: str, args: argparse.Namespace, floor_url: str | None) -
     acknowledged = {run_id: log.acknowledged for run_id, log in zip(load_runs, logs, strict=True)}
     errors = sum(log.errors for log in logs)
     mismatched = [run_id for run_id in load_runs if stored[run_id] != acknowledged[run_id]]
+    # Per second of the run (by send time): requests and their worst latency, to tell a stall of the whole
+    # server (every request of a second slow) from a few unlucky ones.
+    by_second: dict[int, list[float]] = {}
+    for log in logs:
+        for at, latency in zip(log.sent_at, log.latencies, strict=True):
+            by_second.setdefault(int(at), []).append(latency)
+    timeline = [
+        {"second": sec, "requests": len(v), "p50_s": harness.percentile(v, 50), "max_s": max(v)}
+        for sec, v in sorted(by_second.items())
+    ]
     total_ack = sum(acknowledged.values())
     return {
         "engine": engine,
@@ -448,6 +474,7 @@ def bench_engine(engine: str, args: argparse.Namespace, floor_url: str | None) -
         "server_cpu_percent_of_one_core": 100 * server_cpu / wall,
         "generator_cpu_percent_of_one_core": 100 * own_cpu / wall,
         "machine": machine.summary(),
+        "timeline": timeline,
         "floor": floor,
     }
 
