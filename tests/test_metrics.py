@@ -9,6 +9,7 @@ import math
 import time
 
 import httpx
+import pyarrow.parquet as pq
 from sqlalchemy import text
 
 from tests.conftest import LiveServer, make_run, points
@@ -174,7 +175,8 @@ def test_export_csv_and_jsonl(client: httpx.Client) -> None:
     assert f"run-{run_id}-metrics.csv" in response.headers["content-disposition"]
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert len(rows) == 25_001
-    assert rows[0] == {"key": "a,b", "step": "3", "value": "NaN", "epoch": "1.0", "time": rows[0]["time"]}
+    assert rows[0] == {"key": "a,b", "step": "3", "value": "NaN", "epoch": rows[0]["epoch"], "time": rows[0]["time"]}
+    assert float(rows[0]["epoch"]) == 1.0  # shortest round-trip text: "1" or "1.0" depending on the engine
     loss = [r for r in rows if r["key"] == "loss"]
     assert [int(r["step"]) for r in loss] == list(range(25_000))
     assert all(float(r["value"]) == 0.5 + int(r["step"]) * 1e-3 for r in loss)  # full precision
@@ -186,6 +188,56 @@ def test_export_csv_and_jsonl(client: httpx.Client) -> None:
     bad = client.get(f"/api/v1/runs/{run_id}/metrics/export", params={"format": "xlsx"})
     assert bad.status_code == 422
     assert bad.json()["detail"].startswith("format")
+
+
+def test_every_format_round_trips_every_value_exactly(client: httpx.Client) -> None:
+    """CSV, JSON lines and Parquet give back exactly what was stored: NaN, infinities, the extremes of float64,
+    values whose shortest text is long, missing epochs, and keys that need quoting. (Zero's sign is not kept:
+    SQLite stores -0.0 as 0.)"""
+    run_id = make_run(client)
+    specials = ["NaN", "Infinity", "-Infinity", -0.0, 5e-324, 1.7976931348623157e308, 0.1 + 0.2, 1e-7, 1e16, 3.0]
+    sent = [
+        {"key": key, "step": step, "value": value, "epoch": None if step % 3 else step / 7, "time": 1.7e9 + step / 9}
+        for key in ('odd "key", with comma', "loss")
+        for step, value in enumerate(specials * 300)
+    ]
+    assert ingest(client, run_id, sent).status_code == 200
+
+    def canonical(value: object) -> object:  # NaN != NaN: compare NaN by name
+        if isinstance(value, str):
+            return value
+        assert isinstance(value, float | int)
+        return (
+            "NaN"
+            if math.isnan(value)
+            else ("Infinity" if value == math.inf else ("-Infinity" if value == -math.inf else float(value)))
+        )
+
+    expected = sorted((p["key"], p["step"], (canonical(p["value"])), p["epoch"], p["time"]) for p in sent)
+    csv_rows = list(csv.DictReader(io.StringIO(client.get(f"/api/v1/runs/{run_id}/metrics/export").text)))
+    from_csv = [
+        (
+            r["key"],
+            int(r["step"]),
+            (canonical(float(r["value"]) if r["value"] not in specials else r["value"])),
+            float(r["epoch"]) if r["epoch"] else None,
+            float(r["time"]),
+        )
+        for r in csv_rows
+    ]
+    jsonl = client.get(f"/api/v1/runs/{run_id}/metrics/export", params={"format": "jsonl"}).text.splitlines()
+    from_jsonl = [(d["key"], d["step"], (canonical(d["value"])), d["epoch"], d["time"]) for d in map(json.loads, jsonl)]
+    response = client.get(f"/api/v1/runs/{run_id}/metrics/export", params={"format": "parquet"})
+    assert response.headers["content-type"] == "application/vnd.apache.parquet"
+    assert f"run-{run_id}-metrics.parquet" in response.headers["content-disposition"]
+    table = pq.read_table(io.BytesIO(response.content))
+    assert table.schema.names == ["key", "step", "value", "epoch", "time"]
+    assert str(table.schema.field("value").type) == "double"
+    from_parquet = [(r["key"], r["step"], (canonical(r["value"])), r["epoch"], r["time"]) for r in table.to_pylist()]
+    for exported in (from_csv, from_jsonl, from_parquet):
+        assert len(exported) == len(sent)
+        assert sorted(exported, key=repr) == sorted(expected, key=repr)
+    assert [r[:2] for r in from_parquet] == sorted({(p["key"], p["step"]) for p in sent})  # key, then step order
 
 
 def test_downsampling_keeps_spikes_nans_and_the_last_point(client: httpx.Client) -> None:

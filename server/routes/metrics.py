@@ -29,7 +29,7 @@ from server.state import AppState, State
 from server.store import metrics as store
 from server.store.commands import take_pending
 from server.store.detection import forget
-from server.store.export import ExportFormat, export_points
+from server.store.export import MEDIA_TYPES, ExportFormat, export_points
 from server.store.feed import add_feed_event
 from server.store.runs import get_run, touch_run
 from server.store.series import query_series, series_of
@@ -157,16 +157,13 @@ def read_metrics(
         )
 
 
-EXPORT_MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
-
-
 @router.get(
     "/{run_id}/metrics/export",
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "Every point, as CSV or JSON lines.",
-            "content": {media.split(";")[0]: {"schema": {"type": "string"}} for media in EXPORT_MEDIA.values()},
+            "description": "Every point, as CSV, JSON lines or Parquet.",
+            "content": {media.split(";")[0]: {"schema": {"type": "string"}} for media in MEDIA_TYPES.values()},
         }
     },
 )
@@ -179,11 +176,12 @@ def export_metrics(
         list[MetricKey] | None, Query(description="Metric keys (repeat the parameter); all if absent.")
     ] = None,
 ) -> StreamingResponse:
-    """Every point at full resolution, streamed: CSV (`key,step,value,epoch,time`) or JSON lines."""
+    """Every point at full resolution, streamed: CSV (`key,step,value,epoch,time`), JSON lines, or Parquet
+    (the same columns; NaN and infinities kept as such) for pandas, polars and DuckDB."""
     with transaction(state.sessions) as session:
         get_run(session, run_id)
     return StreamingResponse(
         prefetched(export_points(state.sessions, run_id, key, format)),
-        media_type=EXPORT_MEDIA[format],
+        media_type=MEDIA_TYPES[format],
         headers={"Content-Disposition": f'attachment; filename="run-{run_id}-metrics.{format}"'},
     )
