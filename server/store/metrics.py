@@ -18,7 +18,15 @@ from server.schemas import IngestResult, PointIn, RewindPublic, decode_value, en
 from server.store import rollups
 from server.store.events import record_event
 from server.store.feed import insert_feed_event
-from server.store.points import IN_LIST_CHUNK, driver_execute, driver_executemany, insert_points, values_at
+from server.store.points import (
+    COPY_MIN_ROWS,
+    IN_LIST_CHUNK,
+    driver_execute,
+    driver_executemany,
+    insert_points,
+    pipelined,
+    values_at,
+)
 from server.store.runs import heartbeat
 
 
@@ -194,10 +202,13 @@ def _ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> 
         inserted += len(new.steps)
         _advance_latest(s, new)
     if rows:
-        insert_points(session, rows)
-        rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
-        _save_series(session, [s for s, _ in fresh])
-        insert_feed_event(session, run_id, "points", {"keys": {s.key: _feed_summary(new) for s, new in fresh}})
+        # Writes only, nothing read back: on Postgres one round trip for all of them (COPY, for a large batch,
+        # cannot be pipelined).
+        with pipelined(session, enabled=len(rows) < COPY_MIN_ROWS):
+            insert_points(session, rows)
+            rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
+            _save_series(session, [s for s, _ in fresh])
+            insert_feed_event(session, run_id, "points", {"keys": {s.key: _feed_summary(new) for s, new in fresh}})
     return IngestResult(accepted=len(points), inserted=inserted, duplicates=len(points) - inserted)
 
 

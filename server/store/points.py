@@ -9,6 +9,7 @@ array, whose plan stays an index lookup even before the table has statistics.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -21,6 +22,9 @@ from server.models import Base
 PointRow = tuple[int, float | None, float | None, float]  # step, value (None = NaN), epoch, time
 
 COLUMNS = "series_id, step, value, epoch, time"
+# Postgres: COPY from this many rows up; below, one INSERT from unnest-ed arrays, which (unlike COPY) can share a
+# pipeline with the other statements of an ingest -- one network round trip where COPY alone takes three.
+COPY_MIN_ROWS = 1000
 # SQLite binds at most 32,766 parameters per statement; 1,000 rows of 5 stay far below.
 INSERT_ROWS_PER_STATEMENT = 1000
 IN_LIST_CHUNK = 500
@@ -100,9 +104,31 @@ def from_driver(session: Session, table: str, column: str, value: Any) -> Any:
     return value if process is None else process(value)
 
 
+@contextmanager
+def pipelined(session: Session, enabled: bool = True) -> Iterator[None]:
+    """On Postgres, send the statements of the block without waiting for each one's result (psycopg's pipeline
+    mode): the block costs one network round trip, not one per statement. Only for statements whose results
+    nobody reads (INSERT, UPDATE: ``driver_execute`` returns nothing for them); errors surface at the end of the
+    block, and roll the transaction back as usual. Nothing to do on SQLite, which has no round trips."""
+    driver, dialect = _driver(session)
+    if dialect != "postgresql" or not enabled:
+        yield
+        return
+    with driver.pipeline():
+        yield
+
+
 def insert_points(session: Session, rows: Sequence[tuple[int, int, float | None, float | None, float]]) -> None:
     """Insert ``(series_id, step, value, epoch, time)`` rows; the caller has made sure none exists yet."""
     driver, dialect = _driver(session)
+    if dialect == "postgresql" and len(rows) < COPY_MIN_ROWS:
+        with driver.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO metric_points ({COLUMNS}) SELECT * FROM "
+                "unnest(%s::integer[], %s::bigint[], %s::float8[], %s::float8[], %s::float8[])",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+        return
     if dialect == "postgresql":
         with driver.cursor() as cursor, cursor.copy(f"COPY metric_points ({COLUMNS}) FROM STDIN") as copy:
             for row in rows:
