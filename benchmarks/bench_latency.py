@@ -672,10 +672,12 @@ class Tracer:
         add, now = self.add, time.perf_counter
 
         @contextlib.contextmanager
-        def traced(factory: Any, *, write: bool = False, snapshot: bool = False) -> Iterator[Any]:
+        def traced(factory: Any, *, write: bool = False, **options: Any) -> Iterator[Any]:
+            # Every other keyword (snapshot=, durable=, and any added later) passes through untouched: a
+            # wrapper that named them all broke each pass that used a new one (durable=).
             t0, t1, t2 = now(), math.nan, math.nan
             try:
-                with original(factory, write=write, snapshot=snapshot) as session:
+                with original(factory, write=write, **options) as session:
                     t1 = now()
                     try:
                         yield session
