@@ -39,6 +39,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         return _make_sqlite_engine(url, **kwargs)
+    # As many connections as requests can use at once: FastAPI runs each blocking call (the token lookup, the
+    # ingest) in a thread pool of 40 threads. With SQLAlchemy's default of 5 (+10 overflow), 100 workers sending a
+    # batch a second spent most of their time queued for a connection while Postgres sat idle, waiting for a commit's
+    # WAL flush. Twenty stay open; twenty more open in a burst. (SQLite keeps the default: its writers queue on
+    # _SQLITE_WRITERS before taking a connection, and its reads hold one for microseconds.)
+    kwargs.setdefault("pool_size", 20)
+    kwargs.setdefault("max_overflow", 20)
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -143,10 +143,22 @@ def _series_for(session: Session, run_id: int, keys: Sequence[str]) -> dict[str,
 
 
 def _save_series(session: Session, rows: Sequence[_SeriesRow]) -> None:
+    values = [(s.point_count, s.last_step, s.last_value, s.last_epoch, s.last_time, s.id) for s in rows]
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement, one array per column: psycopg's executemany costs ~30 us of Python per row.
+        driver_execute(
+            session,
+            "UPDATE series AS s SET point_count = u.point_count, last_step = u.last_step, "
+            "last_value = u.last_value, last_epoch = u.last_epoch, last_time = u.last_time "
+            "FROM unnest(?::bigint[], ?::bigint[], ?::float8[], ?::float8[], ?::float8[], ?::integer[]) "
+            "AS u(point_count, last_step, last_value, last_epoch, last_time, id) WHERE s.id = u.id",
+            [list(column) for column in zip(*values, strict=True)],
+        )
+        return
     driver_executemany(
         session,
         "UPDATE series SET point_count = ?, last_step = ?, last_value = ?, last_epoch = ?, last_time = ? WHERE id = ?",
-        [(s.point_count, s.last_step, s.last_value, s.last_epoch, s.last_time, s.id) for s in rows],
+        values,
     )
 
 

@@ -184,22 +184,49 @@ def add_points(session: Session, batches: Sequence[tuple[int, Sequence[int], Seq
         for level, summaries in enumerate(summarise(steps, values))
         for bucket, summary in summaries.items()
     ]
-    if rows:
-        sql, order = _merge_sql(session.get_bind().dialect)
-        cursor, _ = driver_cursor(session)
-        try:
-            # Straight to the driver: the statement compiled once, a few dozen rows per batch. SQLAlchemy's
-            # executemany costs ~1 ms of Python for the parameter processing it does not need here.
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    sql, order = _merge_sql(dialect)
+    cursor, _ = driver_cursor(session)
+    try:
+        # Straight to the driver: the statement compiled once, a few dozen rows per batch. SQLAlchemy's
+        # executemany costs ~1 ms of Python for the parameter processing it does not need here; on Postgres even
+        # psycopg's executemany costs ~30 us of Python per row, so all rows go as one array per column.
+        if dialect.name == "postgresql":
+            cursor.execute(sql, [[row[k] for row in rows] for k in ROLLUP_COLUMNS])
+        else:
             cursor.executemany(sql, rows if order is None else [tuple(row[k] for k in order) for row in rows])
-        finally:
-            cursor.close()
+    finally:
+        cursor.close()
+
+
+ROLLUP_COLUMNS = (
+    "series_id",
+    "level",
+    "bucket",
+    "count",
+    "nan_count",
+    "nan_step",
+    "min_step",
+    "min_value",
+    "max_step",
+    "max_value",
+)
+_PG_ARRAYS = ("integer", "smallint", "bigint", "bigint", "bigint", "bigint", "bigint", "float8", "bigint", "float8")
 
 
 @lru_cache(maxsize=16)  # per engine's dialect
 def _merge_sql(dialect: Dialect) -> tuple[str, Sequence[str] | None]:
-    """``_merge_statement`` as the driver's SQL, and the order of its positional parameters (None: named)."""
+    """``_merge_statement`` as the driver's SQL, and the order of its positional parameters (None: named). On
+    Postgres, its rows come from one array per column (``ROLLUP_COLUMNS``), through ``unnest``."""
     compiled = _merge_statement(dialect.name).compile(dialect=dialect)
-    return str(compiled), compiled.positiontup
+    if dialect.name != "postgresql":
+        return str(compiled), compiled.positiontup
+    _, on_conflict = str(compiled).split(" ON CONFLICT ", 1)
+    arrays = ", ".join(f"%s::{kind}[]" for kind in _PG_ARRAYS)
+    columns = ", ".join(ROLLUP_COLUMNS)
+    return f"INSERT INTO metric_rollups ({columns}) SELECT * FROM unnest({arrays}) ON CONFLICT {on_conflict}", None
 
 
 def rebuild_tail(session: Session, series_id: int, last_step: int) -> None:
