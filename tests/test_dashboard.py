@@ -354,7 +354,7 @@ def test_approve_with_a_click_and_the_workers_lr_changes(server: LiveServer, tab
             ".map((t) => [t.meta.kind, t.customdata, t.hovertext])"
         )
         assert [(kind, ids) for kind, ids, _ in markers] == [("proposed", [proposal["id"]])]
-        assert evidence["statistic"] in markers[0][2][0]
+        assert evidence["statistic"] in markers[0][2][0].replace("<br>", " ")  # hover lines are wrapped
         shot(page, "run-page-proposal")
 
         # From the keyboard: a reason, Tab to Approve, Enter.
@@ -499,9 +499,9 @@ def test_acting_needs_an_operator_token(
             run.log({"lr": 0.1, "train/loss": 1.5}, step=2)
             assert run.flush(timeout=10)
             wait_drawn(page, "train/loss", 2)
-            page.get_by_role("button", name="Decay now").click()
-            expect(page.locator("#controls-status")).to_contain_text("needs the operator role")
-            expect(page.locator("#controls-status")).to_have_attribute("role", "alert")
+            # A viewer is told up front that acting needs an operator token (GET /whoami), not by a 403 after a click.
+            expect(page.get_by_role("button", name="Decay now")).to_be_disabled()
+            expect(page.locator("#controls-note")).to_contain_text("deciding and acting need an operator token")
 
             with page.expect_download() as download:  # a link cannot send the token: fetched, then saved
                 page.get_by_role("button", name="Export CSV").click()
@@ -569,7 +569,8 @@ def test_compare_overlays_runs_with_their_stages(server: LiveServer, client: htt
     labels = page.evaluate(
         "document.getElementById('chart').layout.shapes.filter((s) => s.label && s.label.text).map((s) => s.label.text)"
     )
-    assert sorted(labels) == sorted(["S0 · lr 0.1", "S1 · lr 0.01", "S2 · lr 0.001", "S0 · lr 0.1", "S1 · lr 0.01"])
+    ribbons = ["S0 · lr 0.1", "S1 · lr 0.01", "S2 · lr 0.001", "S0 · lr 0.1", "S1 · lr 0.01"]
+    assert sorted(labels) == sorted(ribbons * 2)  # the strip above each of the two columns of panels
     summary = page.locator("#summary-rows")
     expect(summary.locator(f'tr[data-run="{step_decay}"]')).to_contain_text("S1: 0.01 @ 61 · S2: 0.001 @ 91")
     expect(summary.locator(f'tr[data-run="{auto_decay}"]')).to_contain_text("S1: 0.01 @ 41")

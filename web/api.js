@@ -134,6 +134,30 @@ export async function download(path, params, filename, onProgress) {
   setTimeout(() => URL.revokeObjectURL(href), 10_000);
 }
 
+// --- who am I ---------------------------------------------------------------------------------------------------
+
+// {role, name, auth} of the current token (role null: no token on a server that wants one); an ApiError(401) for a
+// token the server does not know. One request per token: pages ask before they offer controls.
+let whoamiCache = null;
+export function whoami() {
+  const token = getToken();
+  if (!whoamiCache || whoamiCache.token !== token) {
+    const entry = { token, answer: api("/whoami") };
+    // A server that was down is asked again next time; a refused token stays refused until it changes.
+    entry.answer.catch((error) => {
+      if (error.status !== 401 && whoamiCache === entry) whoamiCache = null;
+    });
+    whoamiCache = entry;
+  }
+  return whoamiCache.answer;
+}
+
+// Whether `answer` (of whoami) may do what needs `role`: viewer < worker < operator, as server/auth.py ranks them.
+const ROLE_RANK = { viewer: 0, worker: 1, operator: 2 };
+export function mayAct(answer, role = "operator") {
+  return Boolean(answer && answer.role && ROLE_RANK[answer.role] >= ROLE_RANK[role]);
+}
+
 // --- live events ---------------------------------------------------------------------------------------------
 
 // Opens an EventSource on `path` and calls handlers[eventName](data, id). EventSource reconnects by itself and
@@ -155,10 +179,17 @@ export function subscribe(path, handlers, onState = () => {}) {
         onState("connecting"); // a dropped connection: EventSource retries by itself, with Last-Event-ID
         return;
       }
-      // Refused (401/403, a proxy's 502...): EventSource gives up for good, so try again a little later.
-      onState("down");
+      // Refused (401/403, a proxy's 502, a server that is down): EventSource gives up for good. EventSource does
+      // not say why, so ask whoami: without a usable token, retrying only piles up 401s; wait for a sign-in (the
+      // "stagewatch:token" event reopens). Otherwise try again a little later.
       clearTimeout(retry);
-      retry = setTimeout(reopen, 10_000);
+      whoami().then((me) => (me.auth && !me.role ? "signin" : "down"), (error) =>
+        (error instanceof ApiError && error.status === 401 ? "signin" : "down"))
+        .then((why) => {
+          if (closed || source.readyState !== EventSource.CLOSED) return;
+          onState(why);
+          if (why === "down") retry = setTimeout(reopen, 10_000);
+        });
     };
     for (const [name, handler] of Object.entries(handlers)) {
       source.addEventListener(name, (event) => {

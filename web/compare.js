@@ -2,10 +2,12 @@
 // as a ribbon in the top strip and as boundaries in its colour, a summary table, all live.
 
 import { api, explain, subscribe } from "./api.js";
-import { ChartView, describeAction, PALETTE } from "./charts.js";
+import { ChartView, decisionNumber, describeAction } from "./charts.js";
 import { fetchSeries, RunData } from "./rundata.js";
 import { mountToolbar, readViewState, writeViewState } from "./toolbar.js";
-import { fmtInt, fmtLr, fmtPercent, fmtValue, h, loadPlotly, renderHeader, throttled } from "./ui.js";
+import {
+  fmtInt, fmtLr, fmtPercent, fmtValue, h, loadPlotly, PALETTE, renderHeader, runColors, throttled,
+} from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_RUNS = PALETTE.length; // one colour each
@@ -94,6 +96,7 @@ async function main() {
     onDrawn: () => {
       hook.drawnAt = Date.now();
     },
+    exportName: () => `compare ${view.runs.map((r) => r.name).join(" vs ")}`,
   });
   view.runs = ok;
   for (const run of ok) run.appendHooks.push((key, append) => view.appendToDetail(run.id, key, append));
@@ -107,11 +110,21 @@ async function main() {
   loaded = true;
   for (const apply of early.splice(0)) apply();
   renderSummary();
+  renderLegend();
   document.title = `Compare ${ok.map((r) => r.name).join(" vs ")} · Stagewatch`;
 }
 
+// Which colour is which run: full names (the strip's lane labels are short), in the chart's colours.
+function renderLegend() {
+  const colors = runColors(view.runs.map((r) => r.id));
+  $("run-legend").replaceChildren(...view.runs.map((run) => h("li", { dataset: { run: String(run.id) } },
+    h("span", { class: "swatch", style: `background:${colors.get(run.id)}`, "aria-hidden": "true" }),
+    h("a", { href: `run.html?id=${run.id}` }, `#${run.id} ${run.name}`))));
+}
+
 function renderSummary() {
-  const rows = view.runs.map((run, i) => {
+  const colors = runColors(view.runs.map((r) => r.id));
+  const rows = view.runs.map((run) => {
     const accuracy = [...run.series.entries()].find(([k]) => /acc/i.test(k) && /(test|val|eval)/i.test(k));
     const loss = [...run.series.entries()].find(([k]) => /loss/i.test(k) && /(test|val|eval)/i.test(k));
     const best = accuracy ? Math.max(...accuracy[1].values.filter(Number.isFinite)) : null;
@@ -119,8 +132,8 @@ function renderSummary() {
     const steps = Math.max(-1, ...Object.values(run.run.latest).map((l) => l.step ?? -1));
     const decisions = run.decisions.filter((d) => d.status !== "superseded");
     return h("tr", { dataset: { run: String(run.id) } },
-      h("td", {}, h("span", { style: `color:${PALETTE[i]}; font-size: 1.3rem`, "aria-hidden": "true" }, "━"),
-        h("span", { class: "visually-hidden" }, `colour ${i + 1}`)),
+      h("td", {}, h("span", { class: "swatch", style: `background:${colors.get(run.id)}`, "aria-hidden": "true" }),
+        h("span", { class: "visually-hidden" }, `the colour of run ${run.id}`)),
       h("th", { scope: "row" }, h("a", { href: `run.html?id=${run.id}` }, run.name),
         h("div", { class: "small muted" }, `#${run.id} · ${run.run.project} · `,
           h("span", { class: `status ${run.run.status}` }, run.run.status))),
@@ -128,7 +141,7 @@ function renderSummary() {
       h("td", {}, run.stages.length
         ? run.stages.map((s) => `S${s.index}: ${fmtLr(s.lr)} @ ${fmtInt(s.start_step)}`).join(" · ")
         : "–"),
-      h("td", {}, decisions.length ? decisions.map((d) => `#${d.id} ${describeAction(d)} (${d.status})`).join("; ") : "–"),
+      h("td", {}, decisions.length ? decisions.map((d) => `#${decisionNumber(run, d)} ${describeAction(d)} (${d.status})`).join("; ") : "–"),
       h("td", { class: "num" }, steps >= 0 ? fmtInt(steps) : "–"),
       h("td", { class: "num" }, best !== null && Number.isFinite(best) ? fmtPercent(best) : "–"),
       h("td", { class: "num" }, lastLoss !== null ? fmtValue(lastLoss) : "–"),

@@ -1,14 +1,14 @@
 // The run page: live charts with stages and decisions, the decision panel (a waiting proposal with its evidence
 // and the operator's actions), the run's controls, stages and decisions as tables, and the audit log.
 
-import { api, download, explain, subscribe } from "./api.js";
-import { ChartView, DECISION_KINDS, decisionKind, describeAction } from "./charts.js";
+import { api, download, explain, mayAct, subscribe, whoami } from "./api.js";
+import { ChartView, DECISION_KINDS, decisionKind, decisionNumber, describeAction } from "./charts.js";
 import { fetchSeries, RunData } from "./rundata.js";
 import { lastStep, StepMap } from "./series.js";
 import { mountToolbar, readViewState, writeViewState } from "./toolbar.js";
 import {
-  ago, announce, fmtEpoch, fmtInt, fmtLr, fmtPercent, fmtValue, h, loadPlotly, renderHeader, seconds, throttled,
-  timeElement,
+  ago, announce, fmtEpoch, fmtInt, fmtLr, fmtPercent, fmtValue, h, loadPlotly, renderHeader, runColor, seconds,
+  throttled, timeElement,
 } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
@@ -23,6 +23,9 @@ const state = readViewState();
 let view;
 const data = new RunData(runId, { onChange: (what) => changed(what), needsTime: () => state.xmode === "time" });
 let loaded = false;
+// What the user may do, from GET /whoami: controls a token may not use are disabled, with the reason beside them,
+// instead of a 403 after a click. null until known (controls stay disabled meanwhile).
+let me = null;
 const early = []; // live events that arrived before the page had its data: applied right after
 
 // --- live events, subscribed before anything is loaded (the stream's hello marks where the load starts) -------------
@@ -80,6 +83,20 @@ function changed(what) {
 
 // --- loading -------------------------------------------------------------------------------------------------------
 
+function askWhoami() {
+  whoami().then((answer) => {
+    me = answer;
+  }, (error) => {
+    me = { role: null, auth: true, refused: error.status === 401 };
+  }).then(() => {
+    if (!loaded) return;
+    renderControls();
+    shownProposal = null; // the proposal's buttons too
+    renderDecision();
+  });
+}
+askWhoami();
+
 async function main() {
   if (!Number.isInteger(runId) || runId < 1) {
     fail("No run given: open this page as run.html?id=<run id>, or pick a run on the runs page.");
@@ -111,6 +128,7 @@ async function main() {
       refreshToolbar();
     },
     onDrawn: drawn,
+    exportName: () => data.name,
   });
   view.runs = [data];
   view.highlight = highlightOf();
@@ -169,7 +187,9 @@ function drawn(chart) {
 
 function renderHead() {
   const run = data.run;
-  $("run-name").textContent = run.name;
+  // The run's colour, as on the runs and compare pages.
+  $("run-name").replaceChildren(h("span", { class: "swatch", style: `background:${runColor(run.id)}`,
+    "aria-hidden": "true" }), run.name);
   const status = $("run-status");
   status.textContent = run.status;
   status.className = `status ${run.status}`;
@@ -246,6 +266,16 @@ function highlightOf() {
   return window_ ? { window: window_, runId } : null;
 }
 
+// Why this user cannot act on the run (null: they can). The server checks again; this only keeps the page honest.
+function whyNot() {
+  if (!isLive()) return `The run is ${data.run.status}: nothing can be applied any more.`;
+  if (!me) return "Checking what your token may do…";
+  if (me.refused) return "The server refused your token: sign in again with a valid one to act.";
+  if (!me.role) return "Sign in with an operator token to act on this run.";
+  if (!mayAct(me)) return `You are signed in as ${me.name} (${me.role}): deciding and acting need an operator token.`;
+  return null;
+}
+
 function isLive() {
   return data.run && (data.run.status === "running" || data.run.status === "stale");
 }
@@ -254,12 +284,14 @@ function renderDecision() {
   const section = $("decision");
   const body = $("decision-body");
   const pending = data.pending.at(-1);
-  const key = pending ? `${pending.id}:${pending.status}:${isLive()}` : `none:${data.decisions.length}:${isLive()}`;
+  const allowed = whyNot() === null;
+  const key = pending ? `${pending.id}:${pending.status}:${allowed}` : `none:${data.decisions.length}:${isLive()}`;
   // Never rebuild the form a person may be typing in: only when the proposal itself changes.
   if (key === shownProposal) return;
   shownProposal = key;
   section.classList.toggle("proposal", Boolean(pending));
-  $("decision-h").textContent = pending ? "Proposal waiting for you" : "Decision";
+  $("decision-h").textContent = pending ? (allowed ? "Proposal waiting for you" : "Proposal waiting for an operator")
+    : "Decision";
   if (!pending) {
     const last = data.decisions.at(-1);
     const mode = {
@@ -270,7 +302,7 @@ function renderDecision() {
     body.replaceChildren(...[
       h("p", {}, "No proposal waiting."),
       h("p", { class: "small muted" }, mode),
-      last ? h("p", { class: "small" }, `Last decision: #${last.id} ${describeAction(last)} — `,
+      last ? h("p", { class: "small" }, `Last decision: #${decisionNumber(data, last)} ${describeAction(last)} — `,
         h("span", { class: `dstatus ${last.status}` }, last.status)) : null,
     ].filter(Boolean));
     return;
@@ -322,9 +354,9 @@ function proposalView(d) {
 
   return [
     h("p", {}, h("strong", { id: "proposal-action" }, describeAction(d)),
-      currentLr ? ` (LR now ${fmtLr(currentLr.value)})` : "",
+      h("span", { id: "proposal-result" }, resultingLr(d, currentLr)),
       h("br"), h("span", { class: "small muted" },
-        `#${d.id} by ${d.source}${d.step !== null ? ` at step ${fmtInt(d.step)}` : ""}, `,
+        `#${decisionNumber(data, d)} by ${d.source}${d.step !== null ? ` at step ${fmtInt(d.step)}` : ""}, `,
         ago(seconds(d.created_at)))),
     ev.explanation ? h("p", { class: "explanation", id: "proposal-explanation" }, ev.explanation) : null,
     d.auto_approve_at ? autoApproveCountdown(d) : null,
@@ -349,13 +381,13 @@ function proposalView(d) {
         : null,
       ev.metric ? [h("dt", {}, "Metric"), h("dd", {}, `${ev.metric}${ev.detector ? ` (${ev.detector})` : ""}`)] : null,
     ),
-    isLive() ? null : h("p", { class: "notice" }, `The run is ${data.run.status}: nothing can be applied any more.`),
+    whyNot() === null ? null : h("p", { class: "notice", id: "decide-note" }, whyNot()),
     h("label", { for: "decision-reason", class: "small" }, "Reason (optional, kept in the audit log)"),
     h("input", { id: "decision-reason", type: "text", maxlength: "2000", autocomplete: "off" }),
     h("div", { class: "actions" },
-      h("button", { type: "button", class: "primary", id: "approve", disabled: !isLive(),
+      h("button", { type: "button", class: "primary", id: "approve", disabled: whyNot() !== null,
         onclick: () => decide("approve", { reason: reason() }, `Decision ${d.id} approved.`) }, "Approve"),
-      h("button", { type: "button", class: "danger", id: "reject", disabled: !isLive(),
+      h("button", { type: "button", class: "danger", id: "reject", disabled: whyNot() !== null,
         onclick: () => {
           const body = { reason: reason() };
           if (backoff.value) body.backoff = { [backoffUnit.value]: Number(backoff.value) };
@@ -372,7 +404,7 @@ function proposalView(d) {
           `Decision ${d.id} overridden: decay by ${overrideFactor.value}.`);
       } },
       h("div", { class: "row" }, h("label", { for: "override-factor" }, "New factor"), overrideFactor,
-        h("button", { type: "submit", disabled: !isLive() }, "Override with this factor"))),
+        h("button", { type: "submit", disabled: whyNot() !== null }, "Override with this factor"))),
     h("form", { class: "subform", id: "override-lr-form", "aria-label": "Override with an explicit LR",
       onsubmit: (event) => {
         event.preventDefault();
@@ -380,9 +412,18 @@ function proposalView(d) {
           `Decision ${d.id} overridden: LR ${overrideLr.value}.`);
       } },
       h("div", { class: "row" }, h("label", { for: "override-lr" }, "New LR"), overrideLr,
-        h("button", { type: "submit", disabled: !isLive() }, "Override with this LR"))),
+        h("button", { type: "submit", disabled: whyNot() !== null }, "Override with this LR"))),
     status,
   ];
+}
+
+// " → LR 0.01 (now 0.1)": what the decision leaves the LR at, which is what an operator decides on.
+function resultingLr(d, current) {
+  const now = current ? Number(current.value) : NaN;
+  if (d.action === "decay" && !d.lr && Number.isFinite(now) && d.factor) {
+    return ` → LR ${fmtLr(now * d.factor)} (now ${fmtLr(now)})`;
+  }
+  return Number.isFinite(now) ? ` (LR now ${fmtLr(now)})` : "";
 }
 
 // "92 % of it", "negative": how far the statistic is from the line the detector draws.
@@ -455,11 +496,11 @@ function wireControls() {
 }
 
 function renderControls() {
-  const live = isLive();
-  for (const element of $("controls").querySelectorAll("button, input, select")) element.disabled = !live;
-  $("controls-note").textContent = live
-    ? "Commands reach the worker at its next step boundary; a waiting proposal is superseded."
-    : `The run is ${data.run.status}: nothing can be applied any more.`;
+  const why = whyNot();
+  for (const element of $("controls").querySelectorAll("button, input, select")) element.disabled = why !== null;
+  $("controls-note").textContent = why
+    ?? "Commands reach the worker at its next step boundary; a waiting proposal is superseded.";
+  $("controls").classList.toggle("not-allowed", why !== null);
 }
 
 // --- stages and decisions tables --------------------------------------------------------------------------------------
@@ -474,15 +515,22 @@ function renderStages() {
     const sum = s.summary || {};
     return h("tr", {},
       h("th", { scope: "row" }, `S${s.index}`),
-      h("td", { class: "num" }, `${fmtInt(s.start_step)}–${s.end_step === null ? `${fmtInt(last)} (open)` : fmtInt(s.end_step)}`),
+      // "(open)" only while the run can still move on to another stage; a finished run's last stage ended.
+      h("td", { class: "num" }, `${fmtInt(s.start_step)}–${fmtInt(last)}${s.end_step === null && isLive() ? " (open)" : ""}`),
       h("td", { class: "num" }, e0 === null ? "–" : `${fmtEpoch(e0)}–${fmtEpoch(e1)}`),
       h("td", { class: "num" }, fmtLr(s.lr)),
       h("td", {}, { start: "start of the run", lr_change: "LR change" }[s.source] || s.source),
-      h("td", { class: "num" }, sum.count ? `${fmtValue(sum.first)} → ${fmtValue(sum.last)} (${fmtValue(sum.min)})` : "–"),
+      h("td", { class: "num" }, sum.count ? `${fmtValue(sum.first)} → ${fmtValue(sum.last)} (${best(sum)})` : "–"),
     );
   });
   $("stages").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: "6", class: "muted" },
     "No stage yet: stages follow the logged LR (key lr)."))]));
+}
+
+// The stage's best value of the monitored metric: the highest of an accuracy, the lowest of a loss.
+function best(summary) {
+  const higherIsBetter = /acc|f1|auc|precision|recall|score/i.test(data.run.detector?.metric || "");
+  return higherIsBetter ? `max ${fmtValue(summary.max)}` : `min ${fmtValue(summary.min)}`;
 }
 
 function renderDecisionsTable() {
@@ -491,7 +539,7 @@ function renderDecisionsTable() {
     const actor = d.history.length ? d.history[d.history.length - 1].actor : d.actor;
     const kind = DECISION_KINDS[decisionKind(d)];
     return h("tr", { dataset: { decision: String(d.id) } },
-      h("th", { scope: "row" }, String(d.id)),
+      h("th", { scope: "row" }, String(decisionNumber(data, d))),
       h("td", {}, describeAction(d), d.overridden ? h("span", { class: "small muted" }, " (overridden)") : null),
       h("td", {}, h("span", { style: `color:${kind.color}`, "aria-hidden": "true" }, `${kind.glyph} `),
         h("span", { class: `dstatus ${d.status}` }, d.status)),
@@ -536,7 +584,7 @@ function auditItem(event) {
   const m = /^decision\.(.+)$/.exec(event.kind);
   if (m) {
     const d = data.decisions.find((x) => x.id === p.decision_id);
-    what = `Decision #${p.decision_id} ${p.overrides ? "overridden" : m[1]}`;
+    what = `Decision #${d ? decisionNumber(data, d) : p.decision_id} ${p.overrides ? "overridden" : m[1]}`;
     if (p.overrides) detail = `was ${describeAction(p.overrides)}, now ${d ? describeAction(d) : "changed"}`;
     else if (m[1] === "applied" || m[1] === "failed") detail = `at step ${fmtInt(p.step)}, LR ${fmtLr(p.lr)}`;
     else if (d) detail = describeAction(d);
@@ -579,9 +627,10 @@ async function exportCsv(event) {
   }
 }
 
-// Signing in after a refusal: start again with the token.
+// Signing in after a refusal: start again with the token. Once loaded, only what the user may do changes.
 window.addEventListener("stagewatch:token", () => {
   if (!loaded) location.reload();
+  else askWhoami();
 });
 
 main().catch((error) => fail(String(error)));

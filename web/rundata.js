@@ -156,8 +156,12 @@ export class RunData {
     this.onChange("points", [...fetched.keys()]);
   }
 
+  // A decision only moves forward: the answer to the page's own approve can arrive after the live event that
+  // says it was applied meanwhile, and must not put the table back to "approved". Its history grows by one entry
+  // per transition, so the longer history is the newer state.
   applyDecision(decision) {
     const i = this.decisions.findIndex((d) => d.id === decision.id);
+    if (i >= 0 && (decision.history?.length ?? 0) < (this.decisions[i].history?.length ?? 0)) return;
     if (i >= 0) this.decisions[i] = decision;
     else this.decisions.push(decision);
     this.decisions.sort((a, b) => a.id - b.id);

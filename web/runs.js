@@ -3,7 +3,7 @@
 
 import { api, explain, subscribe } from "./api.js";
 import {
-  ago, announce, fmtEpoch, fmtInt, fmtLr, fmtPercent, fmtValue, h, renderHeader, throttled, toNumber,
+  ago, announce, fmtEpoch, fmtInt, fmtLr, fmtPercent, fmtValue, h, renderHeader, runColor, throttled, toNumber,
 } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +19,7 @@ const runs = new Map(); // id -> RunPublic, in the order the server listed them
 const stages = new Map(); // id -> current stage {index, lr}
 const selected = new Set();
 let nextCursor = null;
+let listed = false; // a list came back: only then may an empty table say "no runs" (not under a refusal)
 let filters = readFilters();
 let sort = null; // set from the URL once the columns are defined, below
 
@@ -139,6 +140,7 @@ function row(run) {
     h("td", {}, checkbox, h("label", { for: `select-${run.id}`, class: "visually-hidden" }, `Compare ${run.name}`)),
     h("td", {}, h("span", { class: `status ${run.status}` }, run.status)),
     h("th", { scope: "row" },
+      h("span", { class: "swatch", style: `background:${runColor(run.id)}`, "aria-hidden": "true" }),
       h("a", { href: link, class: "run-name", id: `run-link-${run.id}` }, run.name),
       h("div", { class: "small muted" }, `#${run.id} · ${run.project} `,
         run.tags.length ? h("span", { class: "tags" }, ...run.tags.map((t) => h("span", { class: "tag" }, t))) : null)),
@@ -162,7 +164,9 @@ function renderRows() {
   const body = $("runs");
   // Rows are rebuilt on live changes: whoever is tabbing through them keeps their place.
   const focused = body.contains(document.activeElement) ? document.activeElement.id : null;
-  if (!list.length) {
+  if (!list.length && !listed) {
+    body.replaceChildren();
+  } else if (!list.length) {
     const any = FILTERS.some((f) => filters[f]);
     body.replaceChildren(h("tr", {}, h("td", { colspan: String(COLUMNS.length), class: "muted" },
       any ? "No run matches these filters." : "No runs yet. Start one with `stagewatch train` or `stagewatch demo`.")));
@@ -231,6 +235,7 @@ async function load({ append = false } = {}) {
   }
   if (request !== loadRequest) return; // filters changed meanwhile
   $("load-error").classList.add("hidden");
+  listed = true;
   if (!append) runs.clear();
   for (const run of page.data) runs.set(run.id, run);
   nextCursor = page.next_cursor;

@@ -45,12 +45,17 @@ export function mountToolbar(form, view, { extra = [] } = {}) {
   const smooth = h("input", { id: "smooth", type: "range", min: "0", max: "0.99", step: "0.01",
     value: String(state.smooth), "aria-describedby": "smooth-help" });
   const smoothing = h("label", { for: "smooth" }, "Smoothing ", smooth, " ", smoothValue,
-    h("span", { id: "smooth-help", class: "visually-hidden" }, "exponential moving average weight; 0 is off"));
+    h("span", { id: "smooth-help", class: "visually-hidden" },
+      "debiased exponential moving average, as TensorBoard's; the weight is for a 1,000-point series and scaled to "
+      + "each series' density, so a sparse per-epoch curve is smoothed over the same stretch of the axis; 0 is off"));
   const panels = h("div", { class: "panels-toggle", id: "panel-toggles" });
   const from = h("input", { id: "zoom-from", type: "number", min: "0", step: "1", inputmode: "numeric", size: 9 });
   const to = h("input", { id: "zoom-to", type: "number", min: "0", step: "1", inputmode: "numeric", size: 9 });
+  // The zoom fields take steps whatever the x-axis shows (the URL keeps steps); the legend says so in epoch and
+  // wall-time mode instead of a bare "Steps" next to an epoch axis.
+  const zoomLegend = h("legend", { id: "zoom-legend" });
   const zoom = h("fieldset", {},
-    h("legend", {}, "Steps"),
+    zoomLegend,
     h("label", { for: "zoom-from" }, "from "), from,
     h("label", { for: "zoom-to" }, "to "), to,
     h("button", { type: "submit", id: "zoom-apply" }, "Zoom to steps"),
@@ -99,6 +104,8 @@ export function mountToolbar(form, view, { extra = [] } = {}) {
 
   let shown = "";
   return function refresh() {
+    zoomLegend.textContent = state.xmode === "step" ? "Steps" : `Zoom by step (x-axis: ${state.xmode === "epoch"
+      ? "epochs" : "wall time"})`;
     const keys = new Set();
     for (const run of view.runs) for (const key of run.series.keys()) keys.add(key);
     const all = panelsFor(keys);

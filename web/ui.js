@@ -1,7 +1,7 @@
 // Shared page furniture: the header (navigation, live indicator, sign-in), element building, number and time
 // formatting, and the polite live region that screen readers announce.
 
-import { getToken, setToken } from "./api.js";
+import { explain, getToken, setToken, whoami } from "./api.js";
 
 // h("a", {href: "x", class: "y"}, "text", child) -> element. Strings become text nodes (never HTML).
 export function h(tag, attrs = {}, ...children) {
@@ -19,6 +19,66 @@ export function h(tag, attrs = {}, ...children) {
     element.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
   return element;
+}
+
+// --- run colours -------------------------------------------------------------------------------------------------
+
+// A run's colour comes from its id, never from its place in a list: run 5 is the same colour on the runs page, its
+// own page and every comparison. Ten colours, so two runs side by side clash only when their ids end alike; the
+// compare page then moves the later one to the next free colour (see runColors).
+export const PALETTE = ["#0b5cad", "#e8590c", "#2b8a3e", "#862e9c", "#c92a2a", "#1098ad", "#5c940d", "#a61e4d",
+  "#495057", "#d9480f"];
+
+export function runColor(id) {
+  return PALETTE[((Number(id) % PALETTE.length) + PALETTE.length) % PALETTE.length];
+}
+
+// id -> colour for runs drawn together: each run's own colour unless an earlier run already has it.
+export function runColors(ids) {
+  const used = new Set();
+  const colors = new Map();
+  for (const id of ids) {
+    let i = PALETTE.indexOf(runColor(id));
+    for (let tries = 0; used.has(PALETTE[i]) && tries < PALETTE.length; tries++) i = (i + 1) % PALETTE.length;
+    used.add(PALETTE[i]);
+    colors.set(id, PALETTE[i]);
+  }
+  return colors;
+}
+
+// --- theme --------------------------------------------------------------------------------------------------------
+
+// Dark or light: the system's choice (prefers-color-scheme, in app.css) unless the user picked one with the toggle,
+// kept in localStorage. The choice is an attribute on <html>; the charts read their colours from the CSS variables.
+const THEME_KEY = "stagewatch.theme";
+const systemDark = window.matchMedia("(prefers-color-scheme: dark)");
+
+export function currentTheme() {
+  const chosen = localStorage.getItem(THEME_KEY);
+  return chosen === "dark" || chosen === "light" ? chosen : systemDark.matches ? "dark" : "light";
+}
+
+function applyTheme() {
+  document.documentElement.dataset.theme = currentTheme();
+  window.dispatchEvent(new CustomEvent("stagewatch:theme"));
+}
+applyTheme(); // as the module loads, before the first chart
+systemDark.addEventListener("change", applyTheme);
+
+function themeToggle() {
+  const button = h("button", { type: "button", id: "theme-toggle", class: "theme-toggle" });
+  const label = () => {
+    const dark = currentTheme() === "dark";
+    button.textContent = dark ? "☀ Light" : "☾ Dark";
+    button.setAttribute("aria-label", dark ? "Switch to the light theme" : "Switch to the dark theme");
+  };
+  button.addEventListener("click", () => {
+    localStorage.setItem(THEME_KEY, currentTheme() === "dark" ? "light" : "dark");
+    applyTheme();
+    label();
+  });
+  label();
+  return button;
 }
 
 // --- formatting ------------------------------------------------------------------------------------------------
@@ -132,11 +192,17 @@ export function renderHeader(current) {
     nav,
     h("span", { class: "spacer" }),
     live,
+    themeToggle(),
     signInWidget(),
   );
   return (state) => {
     live.dataset.state = state;
-    live.textContent = { live: "live", connecting: "connecting…", down: "live updates stopped" }[state] || state;
+    live.textContent = {
+      live: "live",
+      connecting: "connecting…",
+      down: "Server unreachable: live updates stopped, retrying every 10 s",
+      signin: "Sign in for live updates",
+    }[state] || state;
   };
 }
 
@@ -166,12 +232,35 @@ function signInWidget() {
     details.open = false;
   });
 
+  // What the summary says comes from the server (whoami), not from having typed something: a wrong token is
+  // named as wrong, a right one by its name and role.
   function refresh() {
     const token = getToken();
-    details.dataset.signedIn = token ? "true" : "false";
-    summary.textContent = token ? `Signed in · token …${token.slice(-4)}` : "Sign in";
+    details.dataset.signedIn = "pending";
+    summary.textContent = token ? "Checking the token…" : "Sign in";
     signOut.hidden = !token;
-    message.textContent = token ? "Requests carry this token." : "No token: fine on a server started with --no-auth.";
+    whoami().then((me) => {
+      if (token !== getToken()) return;
+      if (!me.auth) {
+        details.dataset.signedIn = "true";
+        summary.textContent = "No sign-in needed";
+        message.textContent = "This server was started with --no-auth: everyone may act.";
+      } else if (me.role) {
+        details.dataset.signedIn = "true";
+        summary.textContent = `Signed in · ${me.name} (${me.role})`;
+        message.textContent = me.role === "operator" ? "This token may decide and act on runs."
+          : `A ${me.role} token watches; deciding and acting need an operator token.`;
+      } else {
+        details.dataset.signedIn = "false";
+        summary.textContent = "Sign in";
+        message.textContent = "This server needs a token to show runs.";
+      }
+    }, (error) => {
+      if (token !== getToken()) return;
+      details.dataset.signedIn = "wrong";
+      summary.textContent = error.status === 401 ? "Token refused · sign in again" : "Sign in";
+      message.textContent = error.status === 401 ? `The server refused this token: ${error.detail}.` : explain(error);
+    });
   }
   window.addEventListener("stagewatch:token", refresh);
   // Any 401 opens the form with the server's reason.
