@@ -570,7 +570,12 @@ def test_compare_overlays_runs_with_their_stages(server: LiveServer, client: htt
         "document.getElementById('chart').layout.shapes.filter((s) => s.label && s.label.text).map((s) => s.label.text)"
     )
     ribbons = ["S0 · lr 0.1", "S1 · lr 0.01", "S2 · lr 0.001", "S0 · lr 0.1", "S1 · lr 0.01"]
-    assert sorted(labels) == sorted(ribbons * 2)  # the strip above each of the two columns of panels
+    assert sorted(labels) == sorted(ribbons)  # labelled once, in the strip above the left column
+    mirrored = page.evaluate(
+        "document.getElementById('chart').layout.shapes.filter((s) => s.xref !== 'x' && s.yref.startsWith('y')"
+        " && !s.yref.includes('domain') && s.type === 'rect').length"
+    )
+    assert mirrored == len(ribbons)  # and drawn again above the right column, to line up with its panels
     summary = page.locator("#summary-rows")
     expect(summary.locator(f'tr[data-run="{step_decay}"]')).to_contain_text("S1: 0.01 @ 61 · S2: 0.001 @ 91")
     expect(summary.locator(f'tr[data-run="{auto_decay}"]')).to_contain_text("S1: 0.01 @ 41")

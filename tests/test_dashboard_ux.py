@@ -22,7 +22,6 @@ from tests.test_dashboard import (
     open_run,
     opened_tab,
     shot,
-    sign_in,
     staged_run,
     until_proposal,
     wait_chart,
@@ -158,9 +157,20 @@ def test_the_tables_follow_a_transition_that_overtakes_the_pages_own_answer(
 # --- 3: honest controls ------------------------------------------------------------------------------------------
 
 
+def open_signin(page: Page) -> None:
+    """Opens the sign-in form whatever its state: a refusal (a 401) opens it by itself, and a click on the
+    summary would then close it again."""
+    page.locator("#signin").evaluate("(details) => { details.open = true; }")
+
+
+def sign_in(page: Page, token: str) -> None:
+    open_signin(page)
+    page.get_by_label("Token (viewer to watch, operator to decide)").fill(token)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+
+
 def sign_out(page: Page) -> None:
-    if page.locator("#signin").get_attribute("open") is None:  # a refused token opened it already
-        page.locator("#signin summary").click()
+    open_signin(page)
     page.get_by_role("button", name="Sign out").click()
 
 

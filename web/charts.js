@@ -307,8 +307,9 @@ export class ChartView {
           layout.shapes.push({
             type: "rect", xref: strip.x, yref: strip.y, x0, x1, y0: lane - 0.45, y1: lane + 0.02, layer: "below",
             fillcolor: RIBBONS[si % RIBBONS.length], line: { width: 1, color: theme.bg },
-            label: { text: `S${stage.index} · lr ${fmtLr(stage.lr)}`, font: { size: 10, color: "#1b1f24" },
-              textposition: "middle left", padding: 4 },
+            // The labels once, in the left strip; the right copy says the same in the same colours.
+            label: strip.mirror ? undefined : { text: `S${stage.index} · lr ${fmtLr(stage.lr)}`,
+              font: { size: 10, color: "#1b1f24" }, textposition: "middle left", padding: 4 },
           });
         }
       });
