@@ -6,8 +6,9 @@ Starts ``stagewatch serve`` on a fresh SQLite file and two real MNIST-1D workers
 SGD 0.1, batch 32): AutoDecay in approve mode, and StepDecay (x0.1 at 50 % and 75 % of the epochs), plus a
 ReduceLROnPlateau run and a short constant-LR one for the runs page. The first
 proposal of the AutoDecay run is approved through the API, as an operator would; when the second one is waiting,
-Chromium takes the runs page and that run's page; once StepDecay has made both its decays, the compare page of
-the two. Takes two to three minutes on two cores. Needs torch and mnist1d (``pip install '.[train]'``).
+Chromium takes the runs page and that run's page (light, and dark as under a dark system theme); once StepDecay
+has made both its decays, the compare page of the two. Takes two to three minutes on two cores. Needs torch and
+mnist1d (``pip install '.[train]'``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 page = browser.new_page(viewport={"width": VIEWPORT["width"], "height": 520})
                 screenshot(page, f"{base_url}/ui/", args.out / "runs.png", full_page=True)
                 page.set_viewport_size(VIEWPORT)
-                screenshot(page, f"{base_url}/ui/run.html?id={auto_run['id']}", args.out / "run.png", full_page=True)
+                run_url = f"{base_url}/ui/run.html?id={auto_run['id']}"
+                screenshot(page, run_url, args.out / "run.png", full_page=True)
+                # The same page under a dark system theme (prefers-color-scheme), as the page follows it.
+                dark = browser.new_page(viewport=VIEWPORT, color_scheme="dark")
+                screenshot(dark, run_url, args.out / "run-dark.png", full_page=False)
+                dark.close()
                 # The waiting proposal decided, StepDecay past both its decays: the two schedules side by side.
                 client.post(f"/api/v1/runs/{auto_run['id']}/decisions/{second['id']}/approve", json={})
                 wait_for(
