@@ -108,7 +108,7 @@ async def _events(
             signal.clear()  # before reading: a commit after the read still wakes the wait below
             messages = await run_in_threadpool(_read, state, cursor, run_id, token_id)
             if messages is None:  # checked at every read, and at least every RECHECK_S
-                yield b"id: %d\nevent: revoked\ndata: {\"detail\": \"the token was revoked\"}\n\n" % cursor
+                yield b'id: %d\nevent: revoked\ndata: {"detail": "the token was revoked"}\n\n' % cursor
                 return
             if messages:
                 quiet = 0.0
