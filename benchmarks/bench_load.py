@@ -14,6 +14,8 @@ on) on a fresh database in its own process, N runs created with the token. Then:
   up). Per request: latency and how late it started. Server CPU (Linux ``/proc``), the generator's own CPU,
   the machine's load average and CPU split (``nice`` is other people's niced work) sampled every second.
 * **check**: every run exported (CSV) and its lines counted: points stored must equal points acknowledged.
+* **reference under load**: the same workers against the bare app (row ``floor``), in the same run: the machine's
+  other load changes from minute to minute, and this row says what a minimal FastAPI + SQLite server got meanwhile.
 
 The generator shares the machine's cores with the server (request bodies are encoded before the clock starts, and
 are the same bytes for every worker); on a 2-core machine that is part of what is measured. Only 127.0.0.1 is
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import sqlite3
@@ -89,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass
+class Server:
+    base_url: str
+    token: str
+    process: subprocess.Popen[bytes]
+
+
 # --- the floor: a bare FastAPI + SQLite app ---------------------------------------------------------------------
 
 
@@ -143,29 +153,24 @@ def serve_floor(port: int, db_path: str) -> None:
 
 
 @contextlib.contextmanager
-def floor_server() -> Iterator[str]:
+def floor_server() -> Iterator[tuple[Server, Path]]:
+    """The bare app in its own process, and its database file."""
     with tempfile.TemporaryDirectory(prefix="stagewatch-floor-") as tmp:
         port = harness.free_port()
         base_url = f"http://{HOST}:{port}"
         log_path = Path(tmp) / "floor.log"
-        command = [sys.executable, "-m", "benchmarks.bench_load", "--serve-floor", str(port), str(Path(tmp) / "f.db")]
+        db_path = Path(tmp) / "f.db"
+        command = [sys.executable, "-m", "benchmarks.bench_load", "--serve-floor", str(port), str(db_path)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=harness.REPO_ROOT)
             try:
                 harness._wait_healthy(process, base_url, log_path)
-                yield base_url
+                yield Server(base_url, "", process), db_path
             finally:
                 harness._stop(process)
 
 
 # --- Stagewatch with auth on ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    base_url: str
-    token: str
-    process: subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
@@ -274,7 +279,7 @@ class WorkerLog:
 def worker_client(base_url: str, token: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=base_url,
-        headers={"Authorization": f"Bearer {token}", "content-type": "application/json"},
+        headers={"content-type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
         timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
     )
@@ -287,9 +292,8 @@ async def connect(client: httpx.AsyncClient) -> None:
 
 
 async def worker(
-    client: httpx.AsyncClient, run_id: int, bodies: Sequence[bytes], t0: float, phase: float, log: WorkerLog
+    client: httpx.AsyncClient, url: str, bodies: Sequence[bytes], t0: float, phase: float, log: WorkerLog
 ) -> None:
-    url = f"/api/v1/runs/{run_id}/metrics"
     for k, body in enumerate(bodies):
         due = t0 + phase + k
         delay = due - time.perf_counter()
@@ -367,17 +371,17 @@ class MachineSampler:
 
 
 async def run_load(
-    server: Server, run_ids: Sequence[int], bodies: Sequence[bytes], seed: int
+    server: Server, paths: Sequence[str], bodies: Sequence[bytes], seed: int
 ) -> tuple[list[WorkerLog], float]:
     rng = random.Random(seed)
-    logs = [WorkerLog() for _ in run_ids]
+    logs = [WorkerLog() for _ in paths]
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(worker_client(server.base_url, server.token)) for _ in run_ids]
+        clients = [await stack.enter_async_context(worker_client(server.base_url, server.token)) for _ in paths]
         await asyncio.gather(*(connect(client) for client in clients))
         t0 = time.perf_counter() + 0.5
         tasks = [
-            asyncio.create_task(worker(client, run_id, bodies, t0, rng.random(), log))
-            for client, run_id, log in zip(clients, run_ids, logs, strict=True)
+            asyncio.create_task(worker(client, path, bodies, t0, rng.random(), log))
+            for client, path, log in zip(clients, paths, logs, strict=True)
         ]
         done, pending = await asyncio.wait(tasks, timeout=len(bodies) + 1.0 + DRAIN_GRACE_S)
         for task in pending:
@@ -402,9 +406,9 @@ def count_stored(server: Server, run_ids: Sequence[int]) -> dict[int, int]:
     return stored
 
 
-def bench_engine(engine: str, args: argparse.Namespace, floor_url: str | None) -> dict[str, Any]:
+def bench_engine(engine: str, args: argparse.Namespace, floor: Server | None) -> dict[str, Any]:
     keys = KEYS[: args.keys]
-    bodies, points_per_batch = batch_bodies(keys, args.points, args.seconds, args.seed)
+    bodies, _ = batch_bodies(keys, args.points, args.seconds, args.seed)
     with harness.database(engine, args.postgres_url) as url, authed_server(url) as server:
         headers = {"Authorization": f"Bearer {server.token}"}
         with harness.http_client(server.base_url) as client:
@@ -414,25 +418,57 @@ def bench_engine(engine: str, args: argparse.Namespace, floor_url: str | None) -
                 harness.check_status(response, 201)
                 run_ids.append(response.json()["id"])
         floor_run, load_runs = run_ids[0], run_ids[1:]
-        floor = None
-        if floor_url is not None:
+        one_point = None
+        if floor is not None:
             print(f"[load] {engine}: floor, {args.floor_requests} one-point requests each side ...", flush=True)
-            floor = measure_floor(server, floor_url, floor_run, args.floor_requests)
-        print(
-            f"[load] {engine}: {args.workers} workers x {points_per_batch} points/s x {args.seconds} s "
-            f"(load average now {os.getloadavg()[0]:.2f}) ...",
-            flush=True,
-        )
-        server_cpu0, own_cpu0 = process_cpu_s(server.process.pid), time.process_time()
-        with MachineSampler() as machine:
-            logs, wall = asyncio.run(run_load(server, load_runs, bodies, args.seed))
-        server_cpu, own_cpu = process_cpu_s(server.process.pid) - server_cpu0, time.process_time() - own_cpu0
+            one_point = measure_floor(server, floor.base_url, floor_run, args.floor_requests)
+        paths = [f"/api/v1/runs/{run_id}/metrics" for run_id in load_runs]
+        result = measure_load(engine, server, paths, bodies, args)
         stored = count_stored(server, load_runs)
+    result.update(engine_version=harness.engine_version(engine, args.postgres_url), keys=list(keys), floor=one_point)
+    return check_stored(result, dict(zip(paths, stored.values(), strict=True)))
+
+
+def bench_floor_load(floor: Server, db_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The same load against the bare app, in the same run: what this machine allows a FastAPI + SQLite server
+    right now (the other load on it changes from minute to minute). Its workers all post to its one table."""
+    keys = KEYS[: args.keys]
+    bodies, _ = batch_bodies(keys, args.points, args.seconds, args.seed)
+    paths = ["/points"] * args.workers
+    before = _count_rows(db_path)  # the one-point requests of the floor comparisons
+    result = measure_load("floor", floor, paths, bodies, args)
+    stored = _count_rows(db_path) - before
+    result.update(engine_version=f"bare FastAPI + SQLite {sqlite3.sqlite_version}", keys=list(keys), floor=None)
+    return check_stored(result, {"/points": stored})
+
+
+def _count_rows(db_path: Path) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        ((count,),) = conn.execute("SELECT count(*) FROM points").fetchall()
+        return int(count)
+    finally:
+        conn.close()
+
+
+def measure_load(
+    engine: str, server: Server, paths: Sequence[str], bodies: Sequence[bytes], args: argparse.Namespace
+) -> dict[str, Any]:
+    print(
+        f"[load] {engine}: {len(paths)} workers x {args.points} points/s x {args.seconds} s "
+        f"(load average now {os.getloadavg()[0]:.2f}) ...",
+        flush=True,
+    )
+    server_cpu0, own_cpu0 = process_cpu_s(server.process.pid), time.process_time()
+    with MachineSampler() as machine:
+        logs, wall = asyncio.run(run_load(server, paths, bodies, args.seed))
+    server_cpu, own_cpu = process_cpu_s(server.process.pid) - server_cpu0, time.process_time() - own_cpu0
     latencies = [x for log in logs for x in log.latencies]
     lateness = [x for log in logs for x in log.lateness]
-    acknowledged = {run_id: log.acknowledged for run_id, log in zip(load_runs, logs, strict=True)}
+    acknowledged: dict[str, int] = {}
+    for path, log in zip(paths, logs, strict=True):
+        acknowledged[path] = acknowledged.get(path, 0) + log.acknowledged
     errors = sum(log.errors for log in logs)
-    mismatched = [run_id for run_id in load_runs if stored[run_id] != acknowledged[run_id]]
     # Per second of the run (by send time): requests and their worst latency, to tell a stall of the whole
     # server (every request of a second slow) from a few unlucky ones.
     by_second: dict[int, list[float]] = {}
@@ -446,21 +482,17 @@ def bench_engine(engine: str, args: argparse.Namespace, floor_url: str | None) -
     total_ack = sum(acknowledged.values())
     return {
         "engine": engine,
-        "engine_version": harness.engine_version(engine, args.postgres_url),
-        "workers": args.workers,
-        "points_per_batch": points_per_batch,
-        "keys": list(keys),
+        "workers": len(paths),
+        "points_per_batch": len(json.loads(bodies[0])["points"]),
         "seconds": args.seconds,
         "requests": sum(log.sent for log in logs),
         "scheduled_requests": args.workers * args.seconds,
         "errors": errors,
         "error_samples": [s for log in logs for s in log.error_samples][:10],
         "points_acknowledged": total_ack,
-        "points_stored": sum(stored.values()),
-        "stored_equals_acknowledged": not mismatched,
-        "mismatched_runs": mismatched[:20],
+        "acknowledged_by_path": acknowledged,
         "wall_s": wall,
-        "offered_points_per_s": args.workers * points_per_batch,
+        "offered_points_per_s": len(paths) * len(json.loads(bodies[0])["points"]),
         "achieved_points_per_s": total_ack / wall,
         "latency_s": {
             "p50": harness.percentile(latencies, 50),
@@ -470,13 +502,25 @@ def bench_engine(engine: str, args: argparse.Namespace, floor_url: str | None) -
         },
         "start_lateness_s": {"p99": harness.percentile(lateness, 99), "max": max(lateness, default=float("nan"))},
         # A worker that never fell a whole batch behind its schedule: the server kept up.
-        "sustained": errors == 0 and not mismatched and max(lateness, default=0.0) < 1.0,
+        "sustained": errors == 0 and max(lateness, default=0.0) < 1.0,
         "server_cpu_percent_of_one_core": 100 * server_cpu / wall,
         "generator_cpu_percent_of_one_core": 100 * own_cpu / wall,
         "machine": machine.summary(),
         "timeline": timeline,
-        "floor": floor,
     }
+
+
+def check_stored(result: dict[str, Any], stored: dict[str, int]) -> dict[str, Any]:
+    """Points stored (per request path: a run) against points acknowledged to the workers."""
+    acknowledged: dict[str, int] = result.pop("acknowledged_by_path")
+    mismatched = [path for path in acknowledged if stored.get(path) != acknowledged[path]]
+    result.update(
+        points_stored=sum(stored.values()),
+        stored_equals_acknowledged=not mismatched,
+        mismatched=mismatched[:20],
+    )
+    result["sustained"] = result["sustained"] and not mismatched
+    return result
 
 
 def report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -549,6 +593,12 @@ def report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     for r in results:
         engine = r["engine"]
+        if engine == "floor":
+            print(
+                f"reference: the bare FastAPI + SQLite app under the same load, same run: p99 "
+                f"{r['latency_s']['p99'] * 1e3:,.1f} ms, {r['errors']} errors (what this machine allowed meanwhile)"
+            )
+            continue
         met = harness.target_line(
             f"{engine} ingest p99", r["latency_s"]["p99"] * 1e3, TARGET_P99_S * 1e3, "ms", higher_is_better=False
         )
@@ -581,9 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness.snapshot_code()
     results = []
     with contextlib.ExitStack() as stack:
-        floor_url = None if args.skip_floor else stack.enter_context(floor_server())
+        floor, floor_db = (None, None) if args.skip_floor else stack.enter_context(floor_server())
         for engine in args.engines:
-            results.append(bench_engine(engine, args, floor_url))
+            results.append(bench_engine(engine, args, floor))
+        if floor is not None and floor_db is not None:
+            results.append(bench_floor_load(floor, floor_db, args))
     targets = report(results)
     harness.write_json(f"load-{args.out}", {"options": vars(args), "results": results, "targets": targets})
     clean = all(r["errors"] == 0 and r["stored_equals_acknowledged"] for r in results)
