@@ -230,6 +230,14 @@ def test_a_hover_says_step_epoch_time_stage_and_lr(server: LiveServer, client: h
     expect(info).to_contain_text("stage S1")
     expect(info).to_contain_text("LR 0.01")
     expect(info).to_have_text(re.compile(r"\d{1,2}:\d{2}:\d{2}"))  # the point's wall time
+    # A stage has one colour: its band behind the panels is its ribbon's colour in the strip, faint.
+    shapes = page.evaluate("() => document.getElementById('chart').layout.shapes")
+    ribbons = [s["fillcolor"] for s in shapes if (s.get("label") or {}).get("text", "").startswith("S")]
+    bands = [s["fillcolor"] for s in shapes if s["yref"].endswith("domain") and s["xref"] == "x2"]
+    rgb = [tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5)) for colour in ribbons]
+    assert [band.startswith(f"rgba({r}, {g}, {b},") for band, (r, g, b) in zip(bands, rgb, strict=True)] == [
+        True
+    ] * len(ribbons), (ribbons, bands)
 
 
 def test_compare_hover_shows_every_run_at_that_x(server: LiveServer, client: httpx.Client, tab: Tab) -> None:
