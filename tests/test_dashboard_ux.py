@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, ViewportSize, expect
+from playwright.sync_api import Browser, Download, Page, Route, ViewportSize, expect
 
 from tests.conftest import LiveServer, make_run, sqlite_copy
 from tests.test_dashboard import (
@@ -430,3 +430,38 @@ def test_decisions_are_numbered_per_run_and_a_finished_run_has_no_open_stage(
     expect(rows.first.locator("th")).to_have_text("1")  # the API's id is 2
     expect(page.locator("#stages")).not_to_contain_text("(open)")
     expect(page.locator("#stages")).to_contain_text("1\u201340")
+
+
+# --- 12: created and duration columns, CSV export from compare ------------------------------------------------
+
+
+def test_runs_table_has_created_and_duration(server: LiveServer, client: httpx.Client, tab: Tab) -> None:
+    page = tab.page
+    run_id = staged_run(client, "timed", {61: 0.01}, steps=40)
+    page.goto(f"{server.url}/ui/")
+    head = page.locator("#runs-head")
+    expect(head).to_contain_text("Created")
+    expect(head).to_contain_text("Duration")
+    cells = page.locator(f'tr[data-run="{run_id}"] td')
+    expect(cells.last).to_have_text(re.compile(r"^\d+ s$"))  # ingested within a few seconds of its creation
+    expect(cells.nth(-2)).to_have_text(re.compile(r"^[A-Z][a-z]{2} \d{1,2}, \d{2}:\d{2}$"))
+
+
+def test_compare_exports_a_csv_per_run(server: LiveServer, client: httpx.Client, tab: Tab, tmp_path: Path) -> None:
+    page = tab.page
+    first = staged_run(client, "first", {61: 0.01}, steps=40)
+    second = staged_run(client, "second", {61: 0.01}, steps=30)
+    page.goto(f"{server.url}/ui/compare.html?runs={first},{second}")
+    wait_chart(page)
+    downloads: list[Download] = []
+    page.on("download", lambda download: downloads.append(download))
+    page.get_by_role("button", name="Export CSV (one file per run)").click()
+    wait_until(lambda: page.evaluate("() => true") and len(downloads) == 2, "two downloads")
+    names = sorted(d.suggested_filename for d in downloads)
+    assert names == [f"run-{first}-metrics.csv", f"run-{second}-metrics.csv"]
+    for download in downloads:
+        saved = tmp_path / download.suggested_filename
+        download.save_as(saved)
+        lines = saved.read_text().splitlines()
+        assert lines[0] == "key,step,value,epoch,time"
+        assert len(lines) > 30

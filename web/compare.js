@@ -1,7 +1,7 @@
 // The compare page: several runs overlaid on the same panels (say AutoDecay against StepDecay), each run's stages
 // as a ribbon in the top strip and as boundaries in its colour, a summary table, all live.
 
-import { api, explain, subscribe } from "./api.js";
+import { api, download, explain, subscribe } from "./api.js";
 import { ChartView, decisionNumber, describeAction } from "./charts.js";
 import { fetchSeries, RunData } from "./rundata.js";
 import { mountToolbar, readViewState, writeViewState } from "./toolbar.js";
@@ -101,7 +101,9 @@ async function main() {
   view.runs = ok;
   for (const run of ok) run.appendHooks.push((key, append) => view.appendToDetail(run.id, key, append));
   hook.view = view;
-  refreshToolbar = mountToolbar($("toolbar"), view);
+  refreshToolbar = mountToolbar($("toolbar"), view, {
+    extra: [h("button", { type: "button", id: "export", onclick: exportCsv }, "Export CSV (one file per run)")],
+  });
   refreshToolbar();
   if (state.range) view.setRange(state.range);
   await view.draw();
@@ -148,6 +150,22 @@ function renderSummary() {
     );
   });
   $("summary-rows").replaceChildren(...rows);
+}
+
+// Every point of every compared run at full resolution, a file per run (the export is per run on the server).
+async function exportCsv(event) {
+  const button = event.currentTarget;
+  button.disabled = true;
+  try {
+    for (const run of view.runs) {
+      // The run page's name for the same file (the server's Content-Disposition says the same).
+      await download(`/runs/${run.id}/metrics/export`, { format: "csv" }, `run-${run.id}-metrics.csv`);
+    }
+  } catch (error) {
+    fail(`Export failed: ${explain(error)}`);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // No runs chosen: the most recent ones, to tick.

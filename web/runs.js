@@ -65,6 +65,8 @@ const isTestLoss = (k) => /loss/i.test(k) && /(test|val|eval)/i.test(k);
 const isTestAcc = (k) => /acc/i.test(k) && /(test|val|eval)/i.test(k);
 const lastStepOf = (run) => Math.max(-1, ...Object.values(run.latest).map((l) => l.step ?? -1));
 const lastTimeOf = (run) => Math.max(Date.parse(run.created_at) / 1000, ...Object.values(run.latest).map((l) => l.time ?? 0));
+// From creation to the last point (a running run's duration so far).
+const durationOf = (run) => lastTimeOf(run) - Date.parse(run.created_at) / 1000;
 const lrOf = (run) => run.latest[run.detector?.lr_key || "lr"]?.value;
 const num = (v) => {
   const x = toNumber(v);
@@ -84,6 +86,8 @@ const COLUMNS = [
   { id: "test_acc", label: "Test acc.", num: true, sort: (r) => num(latestBy(r, isTestAcc)?.value) },
   { id: "pending", label: "Decision", sort: (r) => r.pending_proposals },
   { id: "updated", label: "Last point", num: true, sort: lastTimeOf },
+  { id: "created", label: "Created", num: true, sort: (r) => Date.parse(r.created_at) },
+  { id: "duration", label: "Duration", num: true, sort: durationOf },
 ];
 
 sort = readSort();
@@ -156,7 +160,25 @@ function row(run) {
         run.pending_proposals === 1 ? "1 proposal waiting" : `${run.pending_proposals} proposals waiting`)
       : h("span", { class: "muted" }, "–")),
     h("td", { class: "num", title: new Date(lastTime * 1000).toString() }, ago(lastTime)),
+    h("td", { class: "num", title: new Date(run.created_at).toString() }, fmtCreated(run.created_at)),
+    h("td", { class: "num" }, fmtDuration(durationOf(run))),
   );
+}
+
+// "Dec 4, 20:14": the day and time; the full date is in the cell's title.
+function fmtCreated(iso) {
+  return new Date(iso).toLocaleString("en-US", { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+    hour12: false });
+}
+
+// "42 s", "12 min 05 s", "3 h 07 min".
+function fmtDuration(seconds) {
+  if (!Number.isFinite(seconds) || seconds < 0) return "–";
+  const s = Math.round(seconds);
+  const pad = (n) => String(n).padStart(2, "0");
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${pad(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${pad(Math.floor((s % 3600) / 60))} min`;
 }
 
 function renderRows() {
