@@ -465,3 +465,22 @@ def test_compare_exports_a_csv_per_run(server: LiveServer, client: httpx.Client,
         lines = saved.read_text().splitlines()
         assert lines[0] == "key,step,value,epoch,time"
         assert len(lines) > 30
+
+
+def test_config_values_become_columns_picked_by_the_user(server: LiveServer, client: httpx.Client, tab: Tab) -> None:
+    page = tab.page
+    small = make_run(client, name="small-batch", config={"batch_size": 32, "optimizer": {"momentum": 0.9}})
+    large = make_run(client, name="large-batch", config={"batch_size": 256, "optimizer": {"momentum": 0.8}})
+    page.goto(f"{server.url}/ui/")
+    expect(page.locator("#runs tr")).to_have_count(2)
+    head = page.locator("#runs-head")
+    expect(head).not_to_contain_text("batch_size")
+    page.locator("#column-picker summary").click()
+    page.get_by_label("batch_size").check()
+    page.get_by_label("optimizer.momentum").check()
+    expect(page.locator(f'tr[data-run="{small}"] td[data-config="batch_size"]')).to_have_text("32")
+    expect(page.locator(f'tr[data-run="{large}"] td[data-config="optimizer.momentum"]')).to_have_text("0.8")
+    head.get_by_role("button", name="batch_size").click()  # sortable: numbers high to low first
+    expect(page.locator("#runs tr").first).to_have_attribute("data-run", str(large))
+    page.reload()  # the picked columns are kept on the device
+    expect(page.locator(f'tr[data-run="{small}"] td[data-config="batch_size"]')).to_have_text("32")

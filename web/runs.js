@@ -32,8 +32,8 @@ function readFilters() {
 
 function readSort() {
   const raw = new URLSearchParams(location.search).get("sort") || "";
-  const m = /^(-?)(\w+)$/.exec(raw);
-  return m && COLUMNS.some((c) => c.id === m[2] && c.sort) ? { key: m[2], desc: m[1] === "-" } : null;
+  const m = /^(-?)([\w:.-]+)$/.exec(raw);
+  return m && allColumns().some((c) => c.id === m[2] && c.sort) ? { key: m[2], desc: m[1] === "-" } : null;
 }
 
 function writeUrl(push) {
@@ -90,10 +90,73 @@ const COLUMNS = [
   { id: "duration", label: "Duration", num: true, sort: durationOf },
 ];
 
+// --- config columns: hyper-parameters from each run's `config`, picked by the user ----------------------------------
+
+// Chosen config keys, kept on the device: a column set is a habit, not part of a shared link.
+const CONFIG_COLUMNS_KEY = "stagewatch.runs.config-columns";
+let configKeys = (() => {
+  try {
+    const saved = JSON.parse(localStorage.getItem(CONFIG_COLUMNS_KEY) || "[]");
+    return Array.isArray(saved) ? saved.filter((k) => typeof k === "string") : [];
+  } catch {
+    return [];
+  }
+})();
+
+// {"optimizer": {"momentum": 0.9}, "batch_size": 32} -> {"optimizer.momentum": 0.9, "batch_size": 32}: one level
+// of nesting opened, deeper values shown as JSON.
+function flatConfig(run) {
+  const flat = {};
+  for (const [key, value] of Object.entries(run.config || {})) {
+    if (value && typeof value === "object" && !Array.isArray(value)) {
+      for (const [inner, v] of Object.entries(value)) flat[`${key}.${inner}`] = v;
+    } else flat[key] = value;
+  }
+  return flat;
+}
+
+function configText(value) {
+  if (value === undefined || value === null) return "–";
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function allColumns() {
+  return [...COLUMNS, ...configKeys.map((key) => ({
+    id: `cfg:${key}`, label: key, config: key, num: true,
+    // Numbers sort as numbers; text after them; runs without the key last.
+    sort: (r) => {
+      const v = flatConfig(r)[key];
+      return typeof v === "number" ? v : v === undefined ? -Infinity : Number.MAX_VALUE;
+    },
+  }))];
+}
+
+// "Columns": a checkbox per config key found in the listed runs; rebuilt when a new key appears.
+const picker = h("details", { class: "column-picker", id: "column-picker" }, h("summary", {}, "Columns"));
+const pickerList = h("fieldset", {}, h("legend", {}, "Config values as columns"));
+picker.append(pickerList);
+$("filters").after(picker);
+let pickerSignature = "";
+function renderPicker() {
+  const keys = new Set(configKeys);
+  for (const run of runs.values()) for (const key of Object.keys(flatConfig(run))) keys.add(key);
+  const sorted = [...keys].sort();
+  const signature = sorted.join("|");
+  if (signature === pickerSignature) return;
+  pickerSignature = signature;
+  pickerList.replaceChildren(pickerList.firstChild, ...(sorted.length ? sorted.map((key, i) => h("label", {},
+    h("input", { type: "checkbox", id: `col-${i}`, checked: configKeys.includes(key), onchange: (event) => {
+      configKeys = event.target.checked ? [...configKeys, key] : configKeys.filter((k) => k !== key);
+      localStorage.setItem(CONFIG_COLUMNS_KEY, JSON.stringify(configKeys));
+      renderHead();
+      renderRows();
+    } }), ` ${key}`)) : [h("span", { class: "muted small" }, "No run has a config yet.")]));
+}
+
 sort = readSort();
 
 function renderHead() {
-  $("runs-head").replaceChildren(...COLUMNS.map((c) => {
+  $("runs-head").replaceChildren(...allColumns().map((c) => {
     if (c.hidden) return h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, c.label));
     const aria = sort && sort.key === c.id ? (sort.desc ? "descending" : "ascending") : undefined;
     return h("th", { scope: "col", class: c.num ? "num" : undefined, "aria-sort": aria },
@@ -103,7 +166,7 @@ function renderHead() {
 
 function sortBy(id) {
   // First click: the natural order (names A-Z, numbers high to low); the next one flips it.
-  const numeric = COLUMNS.find((c) => c.id === id).num || id === "pending";
+  const numeric = allColumns().find((c) => c.id === id).num || id === "pending";
   sort = sort && sort.key === id ? { key: id, desc: !sort.desc } : { key: id, desc: numeric };
   writeUrl(false);
   renderHead();
@@ -113,7 +176,9 @@ function sortBy(id) {
 function ordered() {
   const list = [...runs.values()];
   if (!sort) return list;
-  const key = COLUMNS.find((c) => c.id === sort.key).sort;
+  const column = allColumns().find((c) => c.id === sort.key);
+  if (!column) return list;
+  const key = column.sort;
   const sign = sort.desc ? -1 : 1;
   return list.sort((a, b) => {
     const x = key(a);
@@ -162,6 +227,7 @@ function row(run) {
     h("td", { class: "num", title: new Date(lastTime * 1000).toString() }, ago(lastTime)),
     h("td", { class: "num", title: new Date(run.created_at).toString() }, fmtCreated(run.created_at)),
     h("td", { class: "num" }, fmtDuration(durationOf(run))),
+    ...configKeys.map((key) => h("td", { class: "num", dataset: { config: key } }, configText(flatConfig(run)[key]))),
   );
 }
 
@@ -190,7 +256,7 @@ function renderRows() {
     body.replaceChildren();
   } else if (!list.length) {
     const any = FILTERS.some((f) => filters[f]);
-    body.replaceChildren(h("tr", {}, h("td", { colspan: String(COLUMNS.length), class: "muted" },
+    body.replaceChildren(h("tr", {}, h("td", { colspan: String(allColumns().length), class: "muted" },
       any ? "No run matches these filters." : "No runs yet. Start one with `stagewatch train` or `stagewatch demo`.")));
   } else {
     body.replaceChildren(...list.map(row));
@@ -200,6 +266,7 @@ function renderRows() {
   $("runs-caption").textContent = `${shown}. Updated live; click a column to sort.`;
   renderBanner();
   renderDatalists();
+  renderPicker();
 }
 
 // Live events touch one row at a time; a whole re-render is kept for sorting, at most every 250 ms.
