@@ -204,6 +204,8 @@ def test_a_viewer_sees_the_controls_disabled_with_the_reason(
         expect(page.locator("#controls-note")).to_contain_text(
             "signed in as viewer-token (viewer): deciding and acting need an operator token"
         )
+        expect(page.get_by_role("button", name="Save notes and tags")).to_be_disabled()
+        expect(page.locator("#notes-status")).to_contain_text("editing needs a worker or operator token")
         shot(page, "ux-viewer")
 
         sign_out(page)
@@ -484,3 +486,17 @@ def test_config_values_become_columns_picked_by_the_user(server: LiveServer, cli
     expect(page.locator("#runs tr").first).to_have_attribute("data-run", str(large))
     page.reload()  # the picked columns are kept on the device
     expect(page.locator(f'tr[data-run="{small}"] td[data-config="batch_size"]')).to_have_text("32")
+
+
+def test_notes_and_tags_are_edited_in_the_page(server: LiveServer, client: httpx.Client, tab: Tab) -> None:
+    page = tab.page
+    run_id = staged_run(client, "noted", {61: 0.01}, steps=30)
+    open_run(page, server, run_id)
+    page.get_by_label("Tags, comma-separated").fill("baseline, sgd baseline")
+    page.get_by_label("Notes", exact=True).fill("LR 0.1 diverged once at step 12")
+    page.get_by_role("button", name="Save notes and tags").click()
+    expect(page.locator("#notes-status")).to_have_text("Done.")
+    expect(page.locator("#run-meta")).to_contain_text("tags baseline, sgd")
+    run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert (run["tags"], run["notes"]) == (["baseline", "sgd"], "LR 0.1 diverged once at step 12")
+    expect(page.locator("#audit")).to_contain_text("Run updated")

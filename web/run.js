@@ -74,6 +74,7 @@ function changed(what) {
     refreshFacts();
   } else if (what === "run") {
     renderHead();
+    renderNotes();
     renderControls();
     renderDecision();
     refreshFacts();
@@ -91,6 +92,7 @@ function askWhoami() {
   }).then(() => {
     if (!loaded) return;
     renderControls();
+    renderNotes();
     shownProposal = null; // the proposal's buttons too
     renderDecision();
   });
@@ -152,6 +154,7 @@ async function main() {
   renderStages();
   renderLegend();
   wireControls();
+  wireNotes();
   loadAudit();
   setInterval(renderFacts, 5000); // "12 s ago" keeps moving
 }
@@ -501,6 +504,50 @@ function renderControls() {
   $("controls-note").textContent = why
     ?? "Commands reach the worker at its next step boundary; a waiting proposal is superseded.";
   $("controls").classList.toggle("not-allowed", why !== null);
+}
+
+// --- notes and tags ----------------------------------------------------------------------------------------------------
+
+// Editing a run's notes and tags needs the worker role (PATCH /runs/{id}); a viewer sees the form disabled.
+function notesAllowed() {
+  if (!me) return "Checking what your token may do…";
+  if (!me.role) return "Sign in with a worker or operator token to edit.";
+  if (!mayAct(me, "worker")) return `You are signed in as ${me.name} (${me.role}): editing needs a worker or operator token.`;
+  return null;
+}
+
+// The fields follow the run (another tab may edit it) unless the user is editing them.
+let notesDirty = false;
+function renderNotes() {
+  const why = notesAllowed();
+  for (const element of $("notes-form").querySelectorAll("input, textarea, button")) element.disabled = why !== null;
+  const status = $("notes-status");
+  if (why || status.dataset.reason) status.textContent = why ?? ""; // a reason shown earlier goes once it is moot
+  status.dataset.reason = why ? "true" : "";
+  if (notesDirty) return;
+  $("run-tags").value = data.run.tags.join(", ");
+  $("run-notes").value = data.run.notes;
+}
+
+function wireNotes() {
+  const form = $("notes-form");
+  form.addEventListener("input", () => {
+    notesDirty = true;
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const tags = [...new Set($("run-tags").value.split(/[\s,]+/).filter(Boolean))];
+    act($("notes-status"), () => api(`/runs/${runId}`, { method: "PATCH", body: { tags, notes: $("run-notes").value } }),
+      (run) => {
+        notesDirty = false;
+        data.run = { ...data.run, ...run };
+        renderHead();
+        renderNotes();
+        refreshAudit();
+        announce("Notes and tags saved.");
+      });
+  });
+  renderNotes();
 }
 
 // --- stages and decisions tables --------------------------------------------------------------------------------------
