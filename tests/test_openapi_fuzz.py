@@ -53,8 +53,10 @@ def test_the_api_holds_under_schemathesis(migrated_url: str, tmp_path: Path) -> 
             "30",
             "--seed",
             str(SEED),
+            # One worker: with two, hypothesis's description of a filter lambda sometimes failed inside
+            # schemathesis (a race in reading its source), an error of the tool, not of the API.
             "--workers",
-            "2",
+            "1",
             "--request-timeout",
             "30",
             "--no-color",

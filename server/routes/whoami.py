@@ -23,7 +23,8 @@ class WhoAmI(BaseModel):
     auth: bool = Field(description="Whether the server checks tokens (false: started with --no-auth).")
 
 
-@router.get("/whoami", response_model=WhoAmI)
+# The token is optional here: `{}` added to the requirements tells OpenAPI clients (and the fuzzer) so.
+@router.get("/whoami", response_model=WhoAmI, openapi_extra={"security": [{}]})
 def read_whoami(state: State, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> WhoAmI:
     """The caller's role and token name. Needs no token (without one the role is null); a token that is unknown
     or revoked is a 401, as on every other route."""
