@@ -47,10 +47,7 @@ def driver_execute(session: Session, sql: str, params: Sequence[Any] = ()) -> li
     into ``%s`` for Postgres, so the SQL holds no literal ``?`` or ``%``); its rows, if any. The ingest hot path
     sends a dozen small statements per request, and the ORM spends ~0.2 ms of Python on each where the database
     needs ~0.01 ms: see ``server.store.metrics``."""
-    driver, dialect = _driver(session)
-    if dialect == "postgresql":
-        sql = sql.replace("?", "%s")
-    cursor = driver.cursor()
+    cursor, sql = _prepared(session, sql)
     try:
         cursor.execute(sql, params)
         return cursor.fetchall() if cursor.description is not None else []
@@ -58,12 +55,15 @@ def driver_execute(session: Session, sql: str, params: Sequence[Any] = ()) -> li
         cursor.close()
 
 
+def _prepared(session: Session, sql: str) -> tuple[Any, str]:
+    """A cursor of the session's transaction, and ``sql`` with the driver's parameter markers."""
+    driver, dialect = _driver(session)
+    return driver.cursor(), sql.replace("?", "%s") if dialect == "postgresql" else sql
+
+
 def driver_executemany(session: Session, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     """``driver_execute`` once per row, in one driver call (SQLite loops in C; psycopg pipelines the rows)."""
-    driver, dialect = _driver(session)
-    if dialect == "postgresql":
-        sql = sql.replace("?", "%s")
-    cursor = driver.cursor()
+    cursor, sql = _prepared(session, sql)
     try:
         cursor.executemany(sql, rows)
     finally:
@@ -72,10 +72,7 @@ def driver_executemany(session: Session, sql: str, rows: Sequence[Sequence[Any]]
 
 def driver_rowcount(session: Session, sql: str, params: Sequence[Any] = ()) -> int:
     """``driver_execute`` for an UPDATE or DELETE: the number of rows it matched."""
-    driver, dialect = _driver(session)
-    if dialect == "postgresql":
-        sql = sql.replace("?", "%s")
-    cursor = driver.cursor()
+    cursor, sql = _prepared(session, sql)
     try:
         cursor.execute(sql, params)
         count: int = cursor.rowcount
