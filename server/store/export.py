@@ -6,8 +6,8 @@ row becomes a Python object on the fast paths:
 
 - PostgreSQL formats CSV and JSON lines itself: ``COPY (SELECT ...) TO STDOUT``, one statement per series, the
   bytes passed through as they come (floats as ``float8`` text, the shortest form that reads back exactly).
-- SQLite's points are read straight into Arrow columns (ADBC's SQLite driver, over the same database file, in one
-  read transaction) and formatted by Arrow's compute kernels (shortest round-trip text too).
+- SQLite's points are read in chunks, turned into Arrow columns and formatted by Arrow's compute kernels
+  (shortest round-trip text too), with no Python object per formatted value.
 - Parquet is written by pyarrow from Arrow columns on both engines.
 
 Floats are written in their shortest round-trip form, which may differ in spelling between the engines (``1`` or
@@ -67,13 +67,7 @@ def export_points(
         if session.get_bind().dialect.name == "postgresql" and fmt != "parquet":
             yield from _postgres_text(session, series, fmt)
             return
-        if session.get_bind().dialect.name == "postgresql":
-            batches = _postgres_batches(session, series)
-        else:
-            database = session.get_bind().engine.url.database
-            assert database is not None, "an in-memory SQLite database has no file to export from"
-            batches = _sqlite_batches(database, series)
-        yield from encode(fmt, batches)
+        yield from encode(fmt, _row_batches(session, series))
 
 
 def encode(fmt: ExportFormat, batches: Iterator[tuple[str, pa.Table]]) -> Iterator[bytes]:
@@ -118,7 +112,12 @@ def _postgres_text(session: Session, series: Sequence[tuple[int, str]], fmt: Exp
                     yield chunk
 
 
-def _postgres_batches(session: Session, series: Sequence[tuple[int, str]]) -> Iterator[tuple[str, pa.Table]]:
+# --- reading: rows, into Arrow columns (SQLite; Parquet on PostgreSQL) ---------------------------------------------
+# Read through the session's own driver connection: a second SQLite library in the process (ADBC's driver bundles
+# one) would share the database file's POSIX locks with this one's, which SQLite warns can corrupt a database.
+
+
+def _row_batches(session: Session, series: Sequence[tuple[int, str]]) -> Iterator[tuple[str, pa.Table]]:
     for series_id, key in series:
         after = -1
         while rows := points_in_range(session, series_id, after + 1, LAST_STEP, limit=CHUNK_ROWS):
@@ -136,49 +135,6 @@ def _postgres_batches(session: Session, series: Sequence[tuple[int, str]]) -> It
                 ),
             )
             after = rows[-1][0]
-
-
-# --- reading: SQLite ---------------------------------------------------------------------------------------------
-
-# ADBC types each column from its first rows: a column that starts with NULLs would be typed as integers and then
-# fail on a float. So nullable columns are read as a float plus an "is null" flag.
-_SQLITE_CHUNK = (
-    "SELECT step, COALESCE(value, 0.0) AS value, value IS NULL AS nan, COALESCE(epoch, 0.0) AS epoch, "
-    "epoch IS NULL AS no_epoch, time + 0.0 AS time FROM metric_points "
-    "WHERE series_id = ? AND step > ? ORDER BY step LIMIT ?"
-)
-
-
-def _sqlite_batches(database: str, series: Sequence[tuple[int, str]]) -> Iterator[tuple[str, pa.Table]]:
-    # Imported here: only SQLite exports need the driver.
-    import adbc_driver_sqlite.dbapi as adbc_sqlite
-
-    with adbc_sqlite.connect(database, autocommit=True) as connection, connection.cursor() as cursor:
-        cursor.execute("BEGIN")  # deferred: the snapshot is taken at the first read and kept for every series
-        try:
-            for series_id, key in series:
-                after = -1
-                while True:
-                    cursor.execute(_SQLITE_CHUNK, (series_id, after, CHUNK_ROWS))
-                    raw = cursor.fetch_arrow_table()
-                    if raw.num_rows == 0:
-                        break
-                    yield key, _from_flags(raw)
-                    after = raw["step"][-1].as_py()
-        finally:
-            cursor.execute("ROLLBACK")
-
-
-def _from_flags(raw: pa.Table) -> pa.Table:
-    nan = pa.scalar(float("nan"), pa.float64())
-    return pa.table(
-        {
-            "step": raw["step"],
-            "value": pc.if_else(pc.cast(raw["nan"], pa.bool_()), nan, raw["value"]),
-            "epoch": pc.if_else(pc.cast(raw["no_epoch"], pa.bool_()), pa.scalar(None, pa.float64()), raw["epoch"]),
-            "time": raw["time"],
-        }
-    )
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
