@@ -45,18 +45,26 @@ def _authenticate(state: AppState, credentials: HTTPAuthorizationCredentials | N
     return Principal(f"token:{token.name}", token.role, token.id)
 
 
-def require(role: str) -> Callable[..., Principal]:
-    needed = ROLE_RANK[role]
+# The bearer credentials as sent, unchecked: for a route that authorizes inside its own worker-thread call.
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
-    def dependency(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> Principal:
+
+def authorize(state: AppState, credentials: HTTPAuthorizationCredentials | None, role: str) -> Principal:
+    """The caller, if its token is active and has ``role`` or a higher one; else a 401 or 403. Blocking I/O."""
+    principal = _authenticate(state, credentials)
+    if ROLE_RANK[principal.role] < ROLE_RANK[role]:
+        raise Forbidden(f"this needs the {role} role; the token has {principal.role}")
+    return principal
+
+
+def require(role: str) -> Callable[..., Principal]:
+    if role not in ROLE_RANK:  # fail when the routes are built, not at the first request
+        raise ValueError(f"unknown role {role!r}")
+
+    def dependency(request: Request, credentials: Credentials) -> Principal:
         # Synchronous (FastAPI runs it in its thread pool: the token lookup is blocking I/O), and so is its use by
         # server.routes.stream; app_state is a coroutine, so the state is read here directly.
-        principal = _authenticate(request.app.state.stagewatch, credentials)
-        if ROLE_RANK[principal.role] < needed:
-            raise Forbidden(f"this needs the {role} role; the token has {principal.role}")
-        return principal
+        return authorize(request.app.state.stagewatch, credentials, role)
 
     return dependency
 

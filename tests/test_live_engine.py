@@ -1,0 +1,79 @@
+"""The live-detection thread's scheduling: a run that streams many small batches gets one pass per interval
+covering all of them, a quiet run is never held back by a busy one, and no notification is ever left without
+a pass after it. The passes themselves are recorded, not run: what they do is tested in test_live_detection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db import make_engine, make_session_factory
+from server.live.engine import LiveDetection
+
+
+class RecordedPasses(LiveDetection):
+    def __init__(self, sessions: sessionmaker[Session], *, min_interval_s: float) -> None:
+        super().__init__(sessions, min_interval_s=min_interval_s)
+        self.passes: list[tuple[int, float]] = []  # run, the monotonic time the scheduler started its pass
+        self.recorded = threading.Condition()
+
+    def _pass(self, run_id: int) -> None:
+        with self.recorded:
+            self.passes.append((run_id, self._passed_at[run_id]))
+            self.recorded.notify_all()
+
+    def wait_for_pass(self, run_id: int, timeout: float = 30.0) -> None:
+        with self.recorded:
+            assert self.recorded.wait_for(lambda: any(r == run_id for r, _ in self.passes), timeout), (
+                f"run {run_id} never got a pass: {self.passes}"
+            )
+
+
+@pytest.fixture
+def sessions(migrated_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(migrated_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_busy_run_waits_its_interval_and_does_not_hold_up_a_quiet_one(sessions: sessionmaker[Session]) -> None:
+    live = RecordedPasses(sessions, min_interval_s=3600.0)  # run 1 cannot be due again while this test runs
+    live.start()
+    try:
+        live.notify(1)
+        live.wait_for_pass(1)
+        live.notify(1)
+        live.notify(1)
+        live.notify(2)
+        live.wait_for_pass(2)
+        assert [run for run, _ in live.passes] == [1, 2]
+        assert not live.wait_idle(timeout=0.05)  # run 1's two notifications are still queued, as one
+    finally:
+        live.stop()
+
+
+def test_every_notification_is_followed_by_a_pass_and_passes_keep_their_distance(
+    sessions: sessionmaker[Session],
+) -> None:
+    interval = 0.2
+    live = RecordedPasses(sessions, min_interval_s=interval)
+    live.start()
+    try:
+        notified_at = []
+        for _ in range(200):  # a worker sending one point per request, as fast as it can
+            notified_at.append(time.monotonic())
+            live.notify(7)
+        assert live.wait_idle(timeout=30)
+    finally:
+        live.stop()
+    starts = [began for run, began in live.passes if run == 7]
+    assert starts[-1] >= notified_at[-1], "the last notification got no pass after it"
+    assert len(starts) < len(notified_at)
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+    assert all(gap >= interval for gap in gaps), gaps
