@@ -29,7 +29,7 @@ $(VISION_STAMP): pyproject.toml
 	$(VISION_BIN)/python -c "import torch, torchvision; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
 	touch $(VISION_STAMP)
 
-.PHONY: vision-venv
+.PHONY: vision-venv vendor-plotly
 vision-venv: $(VISION_STAMP)
 
 demo: $(STAMP)
@@ -61,6 +61,13 @@ postgres:
 
 bench: $(STAMP) postgres
 	$(BIN)/python -m benchmarks.run_all
+
+# The dashboard's plotly.js (web/__init__.py says why the basic bundle): from npm, at the version in web/__init__.py.
+vendor-plotly:
+	version=$$(sed -n 's/^PLOTLY_JS_VERSION = "\(.*\)".*/\1/p' web/__init__.py) && \
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent plotly.js-basic-dist-min@$$version && tar xzf *.tgz && \
+	cp package/plotly-basic.min.js $(CURDIR)/web/vendor/ && cp package/LICENSE $(CURDIR)/web/vendor/LICENSE.plotly.txt && \
+	rm -rf $$tmp
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -19,9 +19,9 @@ Playwright, then opens ``/ui/run.html?id=N``:
   live worker would); the latency runs from just before the POST to the frame after ``Plotly.react`` drew a
   figure holding that step (the page stamps it with ``Date.now()``; same machine, same clock).
 
-Targets: first chart (warm, median) <= 1.5 s; new point p99 <= 1 s. The cold figure is reported too: on two
-shared cores it is mostly plotly.js itself, 4.8 MB of JavaScript to compile and run (over a second here, about
-0.15 s once V8 has cached its code).
+Targets: first chart with a new profile (a first visit; median) <= 1.5 s; new point p99 <= 1 s. The warm figure
+is reported too. A first visit's time is mostly plotly.js: the dashboard ships its 1.2 MB basic bundle (see
+``web/__init__.py``), where the full 4.8 MB bundle took 1.0-1.6 s to the first chart on two shared cores.
 """
 
 from __future__ import annotations
@@ -303,14 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["profile", "data in the page", "plotly.js run", "first chart drawn"],
         [[p, *(f"{phases[p][name]:.3f}" for name in MARKS)] for p in ("warm", "cold")],
     )
+    # The target is a first visit's (issue 15: "with a fresh browser profile"); the warm figure is reported.
     targets = {
-        "first_chart_warm_median_s": {
+        "first_chart_new_profile_median_s": {
             "target": TARGET_FIRST_CHART_S,
-            "value": warm["median"],
+            "value": cold["median"],
             "unit": "s",
             "met": harness.target_line(
-                "first chart (median, warm profile)",
-                warm["median"] * 1e3,
+                "first chart (median, new browser profile)",
+                cold["median"] * 1e3,
                 TARGET_FIRST_CHART_S * 1e3,
                 "ms",
                 higher_is_better=False,
@@ -330,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     harness.target_line(
-        "first chart (median, new profile; reported)",
-        cold["median"] * 1e3,
+        "first chart (median, warm profile; reported)",
+        warm["median"] * 1e3,
         TARGET_FIRST_CHART_S * 1e3,
         "ms",
         higher_is_better=False,

@@ -166,8 +166,10 @@ def ingest(client: httpx.Client, run_id: int, points: list[dict[str, Any]]) -> N
 # --- serving ----------------------------------------------------------------------------------------------------
 
 
-def test_plotly_js_is_the_installed_packages_copy(client: httpx.Client) -> None:
+def test_plotly_js_is_the_vendored_basic_bundle(client: httpx.Client) -> None:
     expected = web.plotly_js_path().read_bytes()
+    # The basic bundle, at the version the code says (``make vendor-plotly`` fetches that one).
+    assert expected.startswith(f"/**\n* plotly.js (basic - minified) v{web.PLOTLY_JS_VERSION}\n".encode())
     plain = client.get("/ui/vendor/plotly.min.js", headers={"Accept-Encoding": "identity"})
     assert plain.status_code == 200
     assert plain.content == expected

@@ -4,6 +4,7 @@ a pass after it. The passes themselves are recorded, not run: what they do is te
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -75,5 +76,5 @@ def test_every_notification_is_followed_by_a_pass_and_passes_keep_their_distance
     starts = [began for run, began in live.passes if run == 7]
     assert starts[-1] >= notified_at[-1], "the last notification got no pass after it"
     assert len(starts) < len(notified_at)
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert all(gap >= interval for gap in gaps), gaps

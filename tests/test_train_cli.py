@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from tests.conftest import LiveServer, free_port, sqlite_copy
 from tests.test_cli import STAGEWATCH, cli_env, running, stagewatch
-from trainer.train_cli import DEFAULT_LR
+from trainer.train_cli import DEFAULT_LR, build_parser, default_run_name
 
 pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
 
@@ -99,7 +100,10 @@ def test_train_one_full_batch_epoch(server: LiveServer, client: httpx.Client, tm
         "--server", server.url,
     )  # fmt: skip
     run_id = run_id_of(result)
-    assert client.get(f"/api/v1/runs/{run_id}").json()["status"] == "finished"
+    run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert run["status"] == "finished"
+    # No --name: what ran and when, so that a rerun of the same command gets a name of its own.
+    assert re.fullmatch(r"mnist1d-cnn \w+ lr=\S+ seed=\d+ \d\d-\d\d \d\d:\d\d:\d\d", run["name"]), run["name"]
     assert [p["step"] for p in series(client, run_id, "train/loss")] == [1]
     assert [p["step"] for p in series(client, run_id, "test/loss")] == [1]
 
@@ -277,3 +281,11 @@ def test_label_noise_changes_only_training_labels() -> None:
     assert with_label_noise(data, 0.0, seed=3) is data
     with pytest.raises(ValueError, match="label noise must be in"):
         with_label_noise(data, 1.5, seed=3)
+
+
+def test_reruns_of_one_command_get_different_default_names() -> None:
+    args = build_parser().parse_args(["--recipe", "mnist1d-cnn", "--lr", "0.05", "--seed", "3"])
+    first = default_run_name(args, dt.datetime(2026, 12, 4, 22, 15, 3))
+    again = default_run_name(args, dt.datetime(2026, 12, 4, 22, 15, 4))
+    assert first.startswith("mnist1d-cnn ") and "lr=0.05 seed=3 12-04 22:15:03" in first
+    assert first != again

@@ -17,6 +17,7 @@ This module imports torch only when training, so the ``stagewatch`` command can 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -163,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after each epoch wait for the server's detection and its commands: decisions land at the same epoch "
         "on any machine (reproducible tests and benchmarks; costs a round trip per epoch)",
     )
-    parser.add_argument("--name", default=None, help="run name (default: the recipe and schedule)")
+    parser.add_argument(
+        "--name", default=None, help="run name (default: recipe, schedule, LR, seed and the start time)"
+    )
     parser.add_argument("--project", default="default", help="project of the run (default: default)")
     vision = parser.add_argument_group("resnet18 recipe (needs the 'vision' extra: torchvision)")
     vision.add_argument(
@@ -233,6 +236,12 @@ class RecipeError(Exception):
     """A recipe cannot start (missing extra, bad data folder): a one-line message, exit status 2."""
 
 
+def default_run_name(args: argparse.Namespace, started: dt.datetime) -> str:
+    """What the run is and when it started, to the second: two runs of one command get two names (a name from the
+    settings alone was the same for every rerun, and the dashboard could not tell the runs apart)."""
+    return f"{args.recipe} {args.schedule} lr={args.lr:g} seed={args.seed} {started:%m-%d %H:%M:%S}"
+
+
 def _task(args: argparse.Namespace) -> Any:
     if args.recipe == "mnist1d-cnn":
         from trainer.recipes.mnist1d import load_data, make_task
@@ -283,7 +292,7 @@ def _train(args: argparse.Namespace) -> int:
         "steps_per_epoch": task.steps_per_epoch,
         **task.description,
     }
-    name = args.name or f"{args.recipe} {args.schedule} lr={args.lr:g}"
+    name = args.name or default_run_name(args, dt.datetime.now())
     with start_run(
         args.server,
         name=name,
