@@ -7,7 +7,8 @@ on) on a fresh database in its own process, N runs created with the token. Then:
 * **floor**: a bare FastAPI app (one endpoint: validate a one-point JSON body, one SQLite INSERT and COMMIT, WAL,
   ``synchronous=NORMAL``), served by uvicorn the same way as ``stagewatch serve``, in its own process; the same
   client sends one-point requests to it and one-point ingests (token auth) to Stagewatch, interleaved in rounds so
-  that both see the same machine. Reported: median latency of each and their ratio.
+  that both see the same machine. Reported: median latency of each and their ratio; the target (<= 2x) is
+  SQLite's, the engine the floor is built on (a PostgreSQL commit's round trips and WAL flush are not in it).
 * **load**: N asyncio workers in this process (``httpx.AsyncClient``, one connection each), worker ``i`` sending
   batch ``k`` (P points: ``--keys`` keys at P/keys consecutive steps, steps increasing) at ``phase_i + k`` seconds,
   phases drawn at random in [0, 1) s; a late response delays that worker's next batch (never a burst to catch
@@ -614,12 +615,16 @@ def report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             f"-> {'met' if clean else 'MISSED'}"
         )
         targets[f"{engine}_clean"] = {"met": clean, "sustained": r["sustained"]}
-        if r["floor"]:
+        if r["floor"] and engine == "sqlite":
             ratio = r["floor"]["ratio_p50"]
             met = harness.target_line(
                 f"{engine} 1-point ingest / floor", ratio, TARGET_FLOOR_RATIO, "x", higher_is_better=False
             )
             targets[f"{engine}_floor_ratio"] = {"target": TARGET_FLOOR_RATIO, "value": ratio, "met": met}
+        elif r["floor"]:
+            # The floor is an embedded SQLite file: a PostgreSQL commit's round trips and WAL flush are not in it,
+            # so this ratio is printed (in the table above) but is no target.
+            print(f"reported {engine} 1-point ingest / SQLite floor: {r['floor']['ratio_p50']:.2f} x (no target)")
     return targets
 
 
