@@ -133,23 +133,18 @@ def _postgres_text(session: Session, series: Sequence[tuple[int, str]], fmt: Exp
 # one) would share the database file's POSIX locks with this one's, which SQLite warns can corrupt a database.
 
 
+_ROW = pa.struct([("step", pa.int64()), ("value", pa.float64()), ("epoch", pa.float64()), ("time", pa.float64())])
+
+
 def _row_batches(session: Session, series: Sequence[tuple[int, str]]) -> Iterator[tuple[str, pa.Table]]:
     for series_id, key in series:
         after = -1
         while rows := points_in_range(session, series_id, after + 1, LAST_STEP, limit=CHUNK_ROWS):
-            steps, values, epochs, times = zip(*rows, strict=True)
-            nan = float("nan")
-            yield (
-                key,
-                pa.table(
-                    {
-                        "step": pa.array(steps, pa.int64()),
-                        "value": pa.array([nan if v is None else v for v in values], pa.float64()),
-                        "epoch": pa.array(epochs, pa.float64()),
-                        "time": pa.array(times, pa.float64()),
-                    }
-                ),
-            )
+            # The driver's row tuples straight into Arrow columns, in C (transposing them in Python took longer
+            # than formatting the text); a stored NULL value is a NaN.
+            table = pa.Table.from_struct_array(pa.array(rows, type=_ROW))
+            value = table.schema.get_field_index("value")
+            yield key, table.set_column(value, "value", pc.fill_null(table.column(value), float("nan")))
             after = rows[-1][0]
 
 
