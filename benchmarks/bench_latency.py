@@ -772,10 +772,10 @@ def traced_server(db_url: str) -> Iterator[str]:
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=harness.REPO_ROOT)
             try:
-                harness._wait_healthy(process, base, log_path)
+                harness.wait_healthy(process, base, log_path)
                 yield base
             finally:
-                harness._stop(process)
+                harness.stop_server(process)
 
 
 def fetch_trace(url: str) -> list[dict[str, Any]]:

@@ -165,10 +165,10 @@ def floor_server() -> Iterator[tuple[Server, Path]]:
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=harness.REPO_ROOT)
             try:
-                harness._wait_healthy(process, base_url, log_path)
+                harness.wait_healthy(process, base_url, log_path)
                 yield Server(base_url, "", process), db_path
             finally:
-                harness._stop(process)
+                harness.stop_server(process)
 
 
 # --- Stagewatch with auth on ------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def authed_server(db_url: str) -> Iterator[Server]:
         capture_output=True,
         text=True,
         timeout=harness.MIGRATE_TIMEOUT_S,
-        env=harness._server_env(None),
+        env=harness.server_env(None),
         check=True,
     )
     token = made.stdout.strip()
@@ -203,12 +203,12 @@ def authed_server(db_url: str) -> Iterator[Server]:
     with tempfile.TemporaryDirectory(prefix="stagewatch-bench-log-") as logdir:
         log_path = Path(logdir) / "server.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=harness._server_env(None))
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=harness.server_env(None))
             try:
-                harness._wait_healthy(process, base_url, log_path)
+                harness.wait_healthy(process, base_url, log_path)
                 yield Server(base_url, token, process)
             finally:
-                harness._stop(process)
+                harness.stop_server(process)
 
 
 def batch_bodies(keys: Sequence[str], points: int, seconds: int, seed: int) -> tuple[list[bytes], int]:

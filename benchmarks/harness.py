@@ -95,7 +95,9 @@ def free_port() -> int:
         return port
 
 
-def _server_env(extra: dict[str, str] | None) -> dict[str, str]:
+def server_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment for a ``stagewatch`` child process: this one's, without any ``STAGEWATCH_*`` variable,
+    plus ``extra``. Benchmarks that start their own server (other options, other processes) pass it too."""
     # Only what we set: a STAGEWATCH_* variable of the shell running the benchmark must not change the server.
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGEWATCH_")}
     env.update(extra or {})
@@ -108,7 +110,7 @@ def migrate(db_url: str, env: dict[str, str] | None = None) -> None:
         capture_output=True,
         text=True,
         timeout=MIGRATE_TIMEOUT_S,
-        env=_server_env(env),
+        env=server_env(env),
         check=False,
     )
     if result.returncode != 0:
@@ -122,7 +124,9 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """Stops a server process started by a benchmark, if it still runs: ``terminate`` (a graceful shutdown), then
+    ``kill`` if it has not exited within ``SERVER_STOP_TIMEOUT_S``; returns once it has exited."""
     if process.poll() is not None:
         return
     process.terminate()
@@ -144,15 +148,18 @@ def running_server(db_url: str, *, env: dict[str, str] | None = None) -> Iterato
     with tempfile.TemporaryDirectory(prefix="stagewatch-bench-log-") as logdir:
         log_path = Path(logdir) / "server.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_server_env(env))
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(env))
             try:
-                _wait_healthy(process, base_url, log_path)
+                wait_healthy(process, base_url, log_path)
                 yield base_url
             finally:
-                _stop(process)
+                stop_server(process)
 
 
-def _wait_healthy(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
+def wait_healthy(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
+    """Returns once the server ``process`` at ``base_url`` answers ``GET /healthz`` with 200. Raises
+    ``RuntimeError`` with the tail of its ``log_path`` if it exits first or does not answer within
+    ``SERVER_START_TIMEOUT_S``."""
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     with httpx.Client(base_url=base_url, timeout=2.0) as client:
         while True:

@@ -270,10 +270,10 @@ def profiled_server(db_url: str, mode: str, out: Path) -> Iterator[str]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=harness.REPO_ROOT)
         try:
-            harness._wait_healthy(process, base, log_path)
+            harness.wait_healthy(process, base, log_path)
             yield base
         finally:
-            harness._stop(process)
+            harness.stop_server(process)
 
 
 def drive(workload: str, client: Any, args: argparse.Namespace) -> dict[str, Any]:
