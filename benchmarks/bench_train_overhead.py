@@ -1,21 +1,25 @@
 """Training-time overhead of logging every step on the MNIST-1D recipe, server up and server down.
 
-The reference recipe (:mod:`trainer.recipes.mnist1d`: 4,000 training samples, batch 32, 125 updates per epoch,
-one torch thread) is trained under three conditions with the same seed and data:
+The reference recipe (``stagewatch train --recipe mnist1d-cnn`` with its defaults: 4,000 training samples,
+batch 32, 125 updates per epoch, SGD at a constant LR 0.05, one torch thread) is trained by the loop that
+command runs, :func:`trainer.loop.fit`, under three conditions with the same seed and data:
 
-* ``no logging``: the step and epoch callbacks do nothing;
-* ``server up``: every step logs ``train/loss`` and ``lr`` and every epoch ``epoch/train_loss``, ``test/loss``
-  and ``test/accuracy`` (what ``stagewatch train`` logs) to the real ``stagewatch serve`` in its own process
-  on a SQLite file (benchmarks.harness), one new run per training;
+* ``no logging``: the run is :class:`benchmarks.offline_run.OfflineRun`, which discards every point and has
+  no commands (``fit`` still calls it: that call is part of the baseline);
+* ``server up``: a real run, so every step logs ``train/loss`` and ``lr``, applies the run's commands, and
+  every epoch logs ``epoch/train_loss``, ``test/loss`` and ``test/accuracy`` (what ``stagewatch train`` does)
+  to the real ``stagewatch serve`` in its own process on a SQLite file (benchmarks.harness), one new run per
+  training;
 * ``server down``: the same calls to a loopback port where nothing listens, so the sender thread retries and
   keeps the points (in memory up to the client's ``max_memory_points``, then in a temporary spool directory,
   where closing the run puts the rest).
 
 The conditions are interleaved (their order rotates from one repeat to the next, so none always runs first)
-after an untimed warm-up round, and the per-epoch wall time (``EpochLog.seconds``: training and evaluation)
-is compared: the ratio of the pooled medians, and the median over repeats of each repeat's ratio to the
-no-logging training of the same repeat (paired, so slow drifts of the machine cancel out). The sender thread,
-the server process and the training share the CPUs; that contention is part of the measured overhead.
+after an untimed warm-up round, and the per-epoch wall time (``fit``'s ``EpochStats.seconds``: updates,
+logging, evaluation) is compared: the ratio of the pooled medians, and the median over repeats of each
+repeat's ratio to the no-logging training of the same repeat (paired, so slow drifts of the machine cancel
+out). The sender thread, the server process and the training share the CPUs; that contention is part of the
+measured overhead.
 A second table says where the time goes: wall time inside ``run.log()``, HTTP requests (counted by a wrapping
 ``httpx`` transport), CPU of the client's threads and of the server, and the load of other processes.
 
@@ -41,22 +45,26 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from benchmarks import harness
+from benchmarks.offline_run import OfflineRun
 from trainer import Run, start_run
+from trainer.commands import Command
+from trainer.train_cli import DEFAULT_LR, MOMENTUM, WEIGHT_DECAY
 
 if TYPE_CHECKING:  # torch is imported only when the benchmark runs (run_all imports this module)
-    from trainer.recipes.mnist1d import EpochLog, Mnist1dData, StepLog, TrainConfig
+    from trainer.loop import EpochStats, FitRun
+    from trainer.recipes.mnist1d import Mnist1dData
 
 NAME = "train_overhead"
 TARGET_PCT = 1.0
-LR = 0.1  # stagewatch train's default
+BATCH_SIZE = 32  # stagewatch train's default, as DEFAULT_LR, MOMENTUM and WEIGHT_DECAY
 CONDITIONS = ("none", "up", "down")
 LABELS = {"none": "no logging", "up": "server up", "down": "server down"}
 STEP_KEYS = ("train/loss", "lr")
@@ -222,7 +230,7 @@ class Trial:
     condition: str
     repeat: int  # -1: warm-up
     epoch_s: list[float]
-    loop_s: float  # the whole train() call, epoch callbacks included
+    loop_s: float  # the whole fit() call (FitResult.seconds)
     in_log_s: float  # wall time spent inside run.log() by the training thread
     log_calls: int
     points_logged: int
@@ -262,79 +270,97 @@ def _trainer_warnings() -> Iterator[_Collect]:
         logger.propagate = propagate
 
 
-def _train(
-    data: Mnist1dData, config: TrainConfig, run: Run | None, meter: _Meter
-) -> tuple[list[float], float, float, int, Counter[str]]:
-    """Trains once; returns epoch times, loop time, time inside log(), log() calls and points per key."""
-    from trainer.recipes.mnist1d import constant_lr, train
+@dataclass(frozen=True)
+class Training:
+    """What one trial trains: the recipe's data for ``epochs`` epochs from ``seed``, at stagewatch train's
+    defaults and a constant rate."""
 
-    steps_per_epoch = math.ceil(data.num_train / (config.batch_size or data.num_train))
-    in_log_ns = 0
-    calls = 0
-    per_key: Counter[str] = Counter()
-    clock = time.perf_counter_ns
+    data: Mnist1dData
+    epochs: int
+    seed: int
 
-    # Both callbacks read the clock around the call in every condition, so the timer costs the same everywhere.
-    if run is None:
 
-        def on_step(s: StepLog) -> None:  # noqa: ARG001 - the callback signature is fixed
-            nonlocal in_log_ns
-            started = clock()
-            in_log_ns += clock() - started
+class _TimedRun:
+    """The :class:`trainer.loop.FitRun` handed to ``fit``: passes everything to ``inner`` (a real run, or an
+    :class:`OfflineRun` for the baseline) and times the training thread's ``log()`` calls. Every condition goes
+    through it, so the timer costs the same everywhere."""
 
-        def on_epoch(e: EpochLog) -> None:  # noqa: ARG001 - the callback signature is fixed
-            nonlocal in_log_ns
-            started = clock()
-            in_log_ns += clock() - started
+    def __init__(self, inner: FitRun) -> None:
+        self._inner = inner
+        self._clock = time.perf_counter_ns
+        self.in_log_ns = 0
+        self.calls = 0
 
-    else:
-        log = run.log
+    @property
+    def id(self) -> int | None:
+        return self._inner.id
 
-        def on_step(s: StepLog) -> None:
-            nonlocal in_log_ns, calls
-            started = clock()
-            log({"train/loss": s.loss, "lr": s.lr}, step=s.step, epoch=s.step / steps_per_epoch)
-            in_log_ns += clock() - started
-            calls += 1
+    @property
+    def should_stop(self) -> bool:
+        return self._inner.should_stop
 
-        def on_epoch(e: EpochLog) -> None:
-            nonlocal in_log_ns, calls
-            started = clock()
-            log(
-                {"epoch/train_loss": e.train_loss, "test/loss": e.test_loss, "test/accuracy": e.test_acc},
-                step=e.step,
-                epoch=float(e.epoch),
-            )
-            in_log_ns += clock() - started
-            calls += 1
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:  # the command applier sets it on a stop command
+        self._inner.should_stop = value
+
+    def log(self, values: Mapping[str, float], *, step: int, epoch: float | None = None, urgent: bool = False) -> None:
+        started = self._clock()
+        self._inner.log(values, step=step, epoch=epoch, urgent=urgent)
+        self.in_log_ns += self._clock() - started
+        self.calls += 1
+
+    def sync_detection(self, timeout: float = 30.0) -> bool:
+        return self._inner.sync_detection(timeout)
+
+    def pending_commands(self) -> list[Command]:
+        return self._inner.pending_commands()
+
+    def ack_command(self, command_id: int, *, status: str, step: int, lr: float | None, message: str = "") -> None:
+        self._inner.ack_command(command_id, status=status, step=step, lr=lr, message=message)
+
+
+def _train(training: Training, run: Run | None, meter: _Meter) -> tuple[list[float], float, float, int, Counter[str]]:
+    """Trains once with :func:`trainer.loop.fit`; returns epoch times, loop time, time inside log(), log() calls
+    and points per key sent to ``run`` (``None``: the offline baseline)."""
+    import torch
+
+    from trainer.loop import fit
+    from trainer.recipes.mnist1d import make_task
+
+    task = make_task(training.data, batch_size=BATCH_SIZE, seed=training.seed)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=DEFAULT_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    timed = _TimedRun(OfflineRun() if run is None else run)
+    epoch_s: list[float] = []
+
+    def on_epoch(e: EpochStats) -> None:
+        epoch_s.append(e.seconds)
 
     gc.collect()
     meter.start()
-    result = train(data, config, constant_lr(LR), on_step=on_step, on_epoch=on_epoch)
+    result = fit(task, timed, schedule="constant", epochs=training.epochs, optimizer=optimizer, on_epoch=on_epoch)
     meter.stop()
+    per_key: Counter[str] = Counter()
     if run is not None:
         for key in STEP_KEYS:
             per_key[key] = result.steps
         for key in EPOCH_KEYS:
-            per_key[key] = len(result.epochs)
-    return [e.seconds for e in result.epochs], result.seconds, in_log_ns / 1e9, calls, per_key
+            per_key[key] = result.epochs
+    return epoch_s, result.seconds, timed.in_log_ns / 1e9, timed.calls, per_key
 
 
 def _background_threads(before: set[int]) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("stagewatch-")]
 
 
-def trial_none(data: Mnist1dData, config: TrainConfig, repeat: int, server_pid: int | None) -> Trial:
+def trial_none(training: Training, repeat: int, server_pid: int | None) -> Trial:
     meter = _Meter(server_pid)
-    epoch_s, loop_s, in_log_s, calls, _ = _train(data, config, None, meter)
+    epoch_s, loop_s, in_log_s, calls, _ = _train(training, None, meter)
     trial = Trial("none", repeat, epoch_s, loop_s, in_log_s, calls, 0)
     trial.server_cpu_s, trial.other_cores = meter.server_s, meter.other_cores
     return trial
 
 
-def trial_up(
-    data: Mnist1dData, config: TrainConfig, repeat: int, url: str, spool: Path, server_pid: int | None
-) -> Trial:
+def trial_up(training: Training, repeat: int, url: str, spool: Path, server_pid: int | None) -> Trial:
     before = {t.ident for t in threading.enumerate() if t.ident is not None}
     transport = _CountingTransport()
     with _trainer_warnings() as warnings:
@@ -348,7 +374,7 @@ def trial_up(
                 transport=transport,
             ) as run:
                 meter = _Meter(server_pid, _background_threads(before), transport)
-                epoch_s, loop_s, in_log_s, calls, per_key = _train(data, config, run, meter)
+                epoch_s, loop_s, in_log_s, calls, per_key = _train(training, run, meter)
                 flushed = run.flush(timeout=FLUSH_TIMEOUT_S)
                 sent, rejected, run_id = run.points_sent, run.points_rejected, run.id
         finally:
@@ -399,8 +425,7 @@ def _spooled_points(spool: Path) -> tuple[Counter[str], int]:
 
 
 def trial_down(
-    data: Mnist1dData,
-    config: TrainConfig,
+    training: Training,
     repeat: int,
     url: str,
     spool: Path,
@@ -423,7 +448,7 @@ def trial_down(
                 **extra,
             ) as run:
                 meter = _Meter(server_pid, _background_threads(before), transport)
-                epoch_s, loop_s, in_log_s, calls, per_key = _train(data, config, run, meter)
+                epoch_s, loop_s, in_log_s, calls, per_key = _train(training, run, meter)
                 run_id = run.id
         finally:
             transport.shutdown()
@@ -543,7 +568,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace, steps_per_epoch: i
     )
     print(
         "overhead %: pooled medians; paired %: median over rounds of (round's median / no-logging's median - 1); "
-        "loop %: the same for the whole train() call; other load: CPUs busy with other processes (median)"
+        "loop %: the same for the whole fit() call; other load: CPUs busy with other processes (median)"
     )
     busy = max(s["other_load_cores_median"] for s in summary.values())
     if busy > QUIET_OTHER_CORES:
@@ -607,12 +632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("repeats", "epochs", "num_samples", "warmup"):
         setattr(args, name, _option(args, name))
     harness.snapshot_code()
-    from trainer.recipes.mnist1d import TrainConfig, load_data
+    from trainer.recipes.mnist1d import load_data
 
     data = load_data(num_samples=args.num_samples)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed)
-    warm_config = TrainConfig(epochs=1, seed=args.seed)
-    steps_per_epoch = math.ceil(data.num_train / config.batch_size)
+    training = Training(data, epochs=args.epochs, seed=args.seed)
+    warm_training = replace(training, epochs=1)
+    steps_per_epoch = math.ceil(data.num_train / BATCH_SIZE)
     print(
         f"[train_overhead] {data.num_train} training samples, {steps_per_epoch} steps/epoch, {args.warmup} warm-up + "
         f"{args.repeats} rounds x 3 conditions x {args.epochs} epochs ...",
@@ -627,14 +652,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         server_pid = _server_pid()
         down_url = f"http://127.0.0.1:{harness.free_port()}"
-        runners: dict[str, Callable[[TrainConfig, int], Trial]] = {
-            "none": lambda cfg, r: trial_none(data, cfg, r, server_pid),
-            "up": lambda cfg, r: trial_up(data, cfg, r, url, Path(tmp) / f"up-{r}", server_pid),
-            "down": lambda cfg, r: trial_down(
-                data, cfg, r, down_url, Path(tmp) / f"down-{r}", server_pid, args.max_memory_points
+        runners: dict[str, Callable[[Training, int], Trial]] = {
+            "none": lambda t, r: trial_none(t, r, server_pid),
+            "up": lambda t, r: trial_up(t, r, url, Path(tmp) / f"up-{r}", server_pid),
+            "down": lambda t, r: trial_down(
+                t, r, down_url, Path(tmp) / f"down-{r}", server_pid, args.max_memory_points
             ),
         }
-        rounds = [(-1 - w, warm_config) for w in range(args.warmup)] + [(r, config) for r in range(args.repeats)]
+        rounds = [(-1 - w, warm_training) for w in range(args.warmup)] + [(r, training) for r in range(args.repeats)]
         for repeat, cfg in rounds:
             shift = max(repeat, 0) % len(CONDITIONS)
             order = CONDITIONS[shift:] + CONDITIONS[:shift]  # rotates: none up down, up down none, down none up
@@ -661,8 +686,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "recipe": {
                 "num_train": data.num_train,
                 "steps_per_epoch": steps_per_epoch,
-                "config": asdict(config),
-                "lr": LR,
+                "loop": "trainer.loop.fit",
+                "config": {
+                    "epochs": args.epochs,
+                    "batch_size": BATCH_SIZE,
+                    "momentum": MOMENTUM,
+                    "weight_decay": WEIGHT_DECAY,
+                    "seed": args.seed,
+                    "schedule": "constant",
+                },
+                "lr": DEFAULT_LR,
                 "step_keys": STEP_KEYS,
                 "epoch_keys": EPOCH_KEYS,
             },

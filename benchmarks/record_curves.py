@@ -1,5 +1,9 @@
 """Record real training curves with the MNIST-1D recipe, for the detection benchmark.
 
+The runs go through :func:`trainer.loop.fit`, the loop ``stagewatch train`` runs (with the recipe's
+:func:`trainer.recipes.mnist1d.make_task`), without a server: what is recorded comes from its ``on_step`` and
+``on_epoch`` hooks and from SGD's step hooks (:mod:`benchmarks.sasa`).
+
 Two schedules, several seeds each (training seed = model init and minibatch order; the dataset is the same):
 
 * ``constant``: one LR for the whole budget. The training loss falls, then hovers at the level the SGD noise
@@ -12,7 +16,7 @@ Each run writes two CSV files to ``benchmarks/data/curves/`` (committed; the det
 * ``<schedule>-seed<k>-step.csv``: ``step, lr, train_loss, sasa_delta``, one row per optimizer update
   (``train_loss`` is the minibatch loss before the update; ``sasa_delta`` is SASA+'s stationarity statistic
   ``<x_{k+1}, d_k> + (lr/2)||d_k||^2`` with ``d_k`` the momentum buffer after the step, which the
-  ``stationarity`` detector consumes instead of a loss);
+  ``stationarity`` detector consumes instead of a loss; see :mod:`benchmarks.sasa`);
 * ``<schedule>-seed<k>-epoch.csv``: ``step, epoch, lr, train_loss, train_acc, test_loss, test_acc``, one row
   per epoch; ``step`` is the global step at the end of the epoch, ``train_*`` average the epoch's minibatches.
 
@@ -37,6 +41,7 @@ from benchmarks.harness import REPO_ROOT, positive_int, print_table, write_json
 
 CURVES_DIR = Path(__file__).resolve().parent / "data" / "curves"
 SCHEDULES = ("constant", "stepdecay")
+FIT_SCHEDULES = {"constant": "constant", "stepdecay": "step"}  # file names keep the paper's word
 STEP_COLUMNS = ("step", "lr", "train_loss", "sasa_delta")
 EPOCH_COLUMNS = ("step", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -58,7 +63,9 @@ class RunSpec:
 
     def milestones(self) -> list[int]:
         """0-based epochs at which StepDecay multiplies the LR by 0.1: 50% and 75% of the budget."""
-        return [self.epochs // 2, (3 * self.epochs) // 4] if self.schedule == "stepdecay" else []
+        from trainer.loop import step_milestones  # imports torch: in the worker processes only
+
+        return step_milestones(self.epochs) if self.schedule == "stepdecay" else []
 
 
 @dataclass(frozen=True)
@@ -74,34 +81,46 @@ class RunOutput:
 
 def run_one(spec: RunSpec) -> RunOutput:
     """Trains one run (in a worker process: torch is imported here only) and returns its rows."""
+    import torch
+
+    from benchmarks.offline_run import OfflineRun
+    from benchmarks.sasa import SasaDelta
+    from trainer.loop import EpochStats, StepStats, fit
     from trainer.recipes import mnist1d
 
     data = mnist1d.load_data(spec.num_samples)
-    schedule = (
-        mnist1d.step_decay(spec.lr, spec.milestones(), 0.1)
-        if spec.schedule == "stepdecay"
-        else mnist1d.constant_lr(spec.lr)
+    task = mnist1d.make_task(data, batch_size=spec.batch_size, seed=spec.seed)
+    optimizer = torch.optim.SGD(
+        task.model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
-    config = mnist1d.TrainConfig(
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        momentum=spec.momentum,
-        weight_decay=spec.weight_decay,
-        seed=spec.seed,
-        record_sasa_delta=True,
-    )
+    sasa = SasaDelta(optimizer)
     step_rows: list[tuple[int, float, float, float]] = []
     epoch_rows: list[tuple[int, int, float, float, float, float, float]] = []
+    epoch_seconds: list[float] = []
+    correct = 0  # training accuracy of the epoch so far: fit logs only the loss
 
-    def on_step(log: mnist1d.StepLog) -> None:
-        delta = float("nan") if log.sasa_delta is None else log.sasa_delta
-        step_rows.append((log.step, log.lr, log.loss, delta))
+    def on_step(s: StepStats) -> None:
+        nonlocal correct
+        correct += int((s.outputs.detach().argmax(dim=1) == s.labels).sum().item())
+        step_rows.append((s.step, s.lr, s.loss, sasa.value))
 
-    def on_epoch(log: mnist1d.EpochLog) -> None:
-        epoch_rows.append((log.step, log.epoch, log.lr, log.train_loss, log.train_acc, log.test_loss, log.test_acc))
+    def on_epoch(e: EpochStats) -> None:
+        nonlocal correct
+        train_acc = correct / data.num_train
+        correct = 0
+        epoch_rows.append((e.step, e.epoch, e.lr, e.train_loss, train_acc, e.test_loss, e.test_accuracy))
+        epoch_seconds.append(e.seconds)
 
-    result = mnist1d.train(data, config, schedule, on_step=on_step, on_epoch=on_epoch)
-    per_epoch = sum(e.seconds for e in result.epochs) / len(result.epochs)
+    result = fit(
+        task,
+        OfflineRun(),
+        schedule=FIT_SCHEDULES[spec.schedule],
+        epochs=spec.epochs,
+        optimizer=optimizer,
+        on_step=on_step,
+        on_epoch=on_epoch,
+    )
+    per_epoch = sum(epoch_seconds) / len(epoch_seconds)
     num_test = int(data.y_test.shape[0])
     return RunOutput(spec, step_rows, epoch_rows, result.seconds, per_epoch, data.num_train, num_test)
 

@@ -20,6 +20,10 @@ Schedules (``--schedule``):
 After every update a :class:`trainer.torch.CommandApplier` applies the server's commands (decay, set_lr,
 stop) to the optimizer *and* the scheduler, so a server-decided decay and a scheduled one compose. A ``stop``
 ends training at that step.
+
+``on_step`` and ``on_epoch`` hand each update's and each completed epoch's statistics (:class:`StepStats`,
+:class:`EpochStats`) to the caller: the benchmarks record curves and time epochs through them, so the numbers
+they publish come from this loop, the one ``stagewatch train`` runs. Without them the loop does no extra work.
 """
 
 from __future__ import annotations
@@ -27,18 +31,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from trainer.run import Run
-from trainer.torch import CommandApplier
+from trainer.torch import CommandApplier, CommandSource
 
-__all__ = ["SCHEDULES", "FitResult", "Task", "fit", "step_milestones"]
+__all__ = ["SCHEDULES", "EpochStats", "FitResult", "FitRun", "StepStats", "Task", "fit", "step_milestones"]
 
 SCHEDULES = ("constant", "step", "plateau", "autodecay")
 TRAIN_LOSS = "train/loss"
@@ -59,6 +62,44 @@ class Task:
     steps_per_epoch: int
     evaluate: Callable[[nn.Module], tuple[float, float]]
     description: dict[str, Any]  # recipe facts recorded in the run's config (data, sizes, ...)
+
+
+class FitRun(CommandSource, Protocol):
+    """What :func:`fit` needs of a run: :class:`trainer.run.Run` is one; benchmarks and tests pass in-memory ones."""
+
+    @property
+    def id(self) -> int | None: ...
+
+    def log(
+        self, values: Mapping[str, float], *, step: int, epoch: float | None = None, urgent: bool = False
+    ) -> None: ...
+
+    def sync_detection(self, timeout: float = 30.0) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """One update, handed to ``fit(on_step=...)`` right after it (and after the run's commands were applied)."""
+
+    step: int  # updates done so far, from 1: this is the step-th
+    epoch: int  # 0-based index of the epoch the update belongs to
+    lr: float  # the rate the update used
+    loss: float  # the minibatch loss, computed at the parameters before the update
+    outputs: torch.Tensor  # the model's outputs on the minibatch (before the update; still attached to autograd)
+    labels: torch.Tensor  # the minibatch's labels
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStats:
+    """A completed epoch, handed to ``fit(on_epoch=...)`` once its points are logged (what the run got, plus time)."""
+
+    epoch: int  # completed epochs, from 1
+    step: int  # updates done so far
+    lr: float  # the rate of the epoch's last update
+    train_loss: float  # mean minibatch loss of the epoch, weighted by minibatch size (``epoch/train_loss``)
+    test_loss: float
+    test_accuracy: float
+    seconds: float  # wall time of the epoch: updates, per-step logging and commands, evaluation, epoch logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,16 +136,19 @@ def _scheduler(
 
 def fit(
     task: Task,
-    run: Run,
+    run: FitRun,
     *,
     schedule: str,
     epochs: int,
     optimizer: torch.optim.Optimizer,
     log: Callable[[str], None] = lambda line: None,
     sync_detection: bool = False,
+    on_step: Callable[[StepStats], None] | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> FitResult:
     """Trains ``task.model`` for up to ``epochs`` epochs with ``optimizer`` under ``schedule`` (see the
-    module doc), logging to ``run`` and applying its commands; ``log`` receives one line per epoch.
+    module doc), logging to ``run`` and applying its commands; ``log`` receives one line per epoch,
+    ``on_step`` and ``on_epoch`` (optional) each update's and each completed epoch's statistics.
 
     ``sync_detection``: after each epoch, wait until the server's detection has examined the epoch's points and
     the job holds the commands they led to (:meth:`trainer.run.Run.sync_detection`), so that a decision lands
@@ -119,12 +163,15 @@ def fit(
     step = completed = 0
     test_loss = test_acc = math.nan
     model.train()
+    lr = applier.current_lr()
     for epoch in range(epochs):
+        epoch_started = time.perf_counter()
         loss_sum = 0.0
         seen = 0
         for x, y in task.batches(epoch):
             lr = applier.current_lr()
-            loss = F.cross_entropy(model(x), y)
+            outputs = model(x)
+            loss = F.cross_entropy(outputs, y)
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             optimizer.step()
@@ -136,6 +183,8 @@ def fit(
             seen += len(y)
             run.log({TRAIN_LOSS: loss_value, "lr": lr}, step=step, epoch=step / per_epoch)
             applier.step(step)
+            if on_step is not None:
+                on_step(StepStats(step=step, epoch=epoch, lr=lr, loss=loss_value, outputs=outputs, labels=y))
             if applier.should_stop:
                 break
         if applier.should_stop:
@@ -153,6 +202,10 @@ def fit(
             epoch=float(completed),
             urgent=True,  # the server's detector watches these: its decision can apply in the next epoch
         )
+        if on_epoch is not None:
+            # Timed before the detection sync: that wait is a test aid, not a cost of training.
+            seconds = time.perf_counter() - epoch_started
+            on_epoch(EpochStats(completed, step, lr, train_loss, test_loss, test_acc, seconds))
         if sync_detection and not run.sync_detection():
             log(f"stagewatch train: run {run.id}: the server's detection did not catch up; going on")
         log(
