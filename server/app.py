@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import event
 
 import web
-from server import __version__
+from server import __version__, replicas
 from server.db import make_engine, make_session_factory
 from server.errors import InternalErrors, install_error_handlers
 from server.limits import BodySizeLimit
@@ -23,6 +24,8 @@ from server.settings import Settings
 from server.state import AppState
 from server.store import changes
 from server.web_security import install as install_web_security
+
+log = logging.getLogger("stagewatch.app")
 
 API_DESCRIPTION = """Stagewatch records training runs (metrics, stages, learning-rate decisions) and serves them.
 
@@ -45,16 +48,28 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     # One hook acts on every commit (wakes streams, long-polls and detection): see server.store.changes.
     event.listen(state.sessions, "after_commit", state.after_commit)
     event.listen(state.sessions, "after_rollback", changes.take)
+    postgres = engine.dialect.name == "postgresql"
+    if postgres:  # other server processes on the database are woken too (server.replicas)
+        event.listen(state.sessions, "before_commit", replicas.notify_in_transaction(state.origin))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Waiters wait on this loop; live detection runs in its own thread.
         state.loop = asyncio.get_running_loop()
+        listener = None
+        if postgres:
+            listener = replicas.ChangeListener(replicas.libpq_url(engine), state.origin, state.remote_change)
+            listener.start()
+            # Listening before the first request is answered: a change committed elsewhere after that is seen.
+            if not await asyncio.to_thread(listener.wait_listening, 10.0):
+                log.warning("not yet listening for other server processes' changes; waiters re-check the database")
         state.live = LiveDetection(state.sessions)
         state.live.start()
         try:
             yield
         finally:
+            if listener is not None:
+                listener.stop()
             state.live.stop()
             state.live = None
             state.loop = None

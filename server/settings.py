@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_points_per_batch: int = Field(default=100_000, gt=0)
     default_max_points: int = Field(default=2000, ge=3)
+    # How often a waiting long-poll or live stream also reads the database, for a change nothing woke it for (a
+    # server process that could not notify it, see server.replicas). None: each waiter's own default (1 s, 2 s).
+    recheck_s: float | None = Field(default=None, gt=0, le=3600)
     # Host header values to accept besides the loopback names and the bound address (see trusted_hosts); "*" is
     # any, "*.example.com" any subdomain. STAGEWATCH_ALLOWED_HOSTS takes them comma-separated.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.live.engine import LiveDetection
+from server.replicas import new_origin
 from server.settings import Settings
 from server.store import changes
 from server.wakeups import Wakeups
@@ -29,6 +30,7 @@ class AppState:
     wakeups: Wakeups = field(default_factory=Wakeups)  # a run's worker long-polling for commands
     feed: Wakeups = field(default_factory=Wakeups)  # live-event streams, per run and ALL_RUNS
     live: LiveDetection | None = None  # started with the app (lifespan)
+    origin: str = field(default_factory=new_origin)  # this process, in its notifications (server.replicas)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, where waiters wait (lifespan)
 
     @property
@@ -56,8 +58,15 @@ class AppState:
         loop = self.loop
         if loop is None or loop.is_closed():
             return
-        for run_id in changed.runs | changed.commands:
+        for run_id in changed.all():
             loop.call_soon_threadsafe(functools.partial(self.announce, run_id, command=run_id in changed.commands))
+
+    def remote_change(self, run_id: int, command: bool) -> None:
+        """Another server process committed a change of ``run_id`` (``server.replicas``; any thread): wakes its
+        waiters here. No detection pass: the process that committed it runs that."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(functools.partial(self.announce, run_id, command=command))
 
 
 async def app_state(request: Request) -> AppState:

@@ -57,8 +57,10 @@ class ServerProcess:
         port: int | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.database_url = database_url
+        self.env = dict(env or {})  # on top of this process's environment
         self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="stagewatch-server-"))
@@ -110,6 +112,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # Only the command line configures it: a STAGEWATCH_DATABASE_URL of the caller's must not leak in.
         env.pop("STAGEWATCH_DATABASE_URL", None)
+        env.update(self.env)
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self._stdout_from, self._stderr_from = out.tell(), err.tell()
             # The child has its own copies of the descriptors; ours close when this block ends.

@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import transaction
 from server.live.detection import process_run
 from server.models import Run, utcnow
+from server.replicas import PASS_LOCK
 from server.store import changes, decisions
 
 logger = logging.getLogger("stagewatch.live")
@@ -123,6 +124,10 @@ class LiveDetection:
         # worker only sees a command after the (durable) commit of its delivery.
         with transaction(self._sessions, write=True, durable=False) as session:
             session.info[changes.DETECTING] = True
+            if session.get_bind().dialect.name == "postgresql":
+                # Passes of one run take turns across server processes (server.replicas): the second waits, then
+                # reads what the first committed. Released with the transaction, also when the process dies.
+                session.execute(text("SELECT pg_advisory_xact_lock(:space, :run)"), {"space": PASS_LOCK, "run": run_id})
             process_run(session, run_id)
 
     def _sweep(self) -> None:

@@ -20,7 +20,8 @@ from server.store.runs import get_run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["commands"], responses=ERROR_RESPONSES)
 
-# Long-polls are woken at once by commands created in this process; this re-check catches the others.
+# Long-polls are woken at once by commands committed in this process, or another one on PostgreSQL
+# (server.replicas); this re-check is the fallback.
 RECHECK_S = 1.0
 
 
@@ -67,7 +68,7 @@ async def fetch_commands(
             if commands or not running or remaining <= 0:
                 return CommandList(data=commands)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signal.wait(), min(remaining, RECHECK_S))
+                await asyncio.wait_for(signal.wait(), min(remaining, state.settings.recheck_s or RECHECK_S))
     finally:
         state.wakeups.unsubscribe(run_id, signal)
 

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["live events"], responses=ERROR_RESPONSES)
 
 KEEPALIVE_S = 15.0
-RECHECK_S = 2.0  # other server processes behind the same database do not wake us: look anyway
+RECHECK_S = 2.0  # a fallback: other server processes wake us through PostgreSQL (server.replicas); look anyway
 BATCH = 500
 
 
@@ -117,10 +117,11 @@ async def _events(
                 cursor = int(messages[-1].split(b"\n", 1)[0][4:])
                 if len(messages) == BATCH:
                     continue
+            recheck = state.settings.recheck_s or RECHECK_S
             try:
-                await asyncio.wait_for(signal.wait(), RECHECK_S)
+                await asyncio.wait_for(signal.wait(), recheck)
             except TimeoutError:
-                quiet += RECHECK_S
+                quiet += recheck
                 if quiet >= KEEPALIVE_S:  # keeps proxies from closing an idle stream
                     quiet = 0.0
                     yield b": keepalive\n\n"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
-__all__ = ["Changes", "mark", "take"]
+__all__ = ["Changes", "mark", "peek", "take"]
 
 _KEY = "stagewatch_changes"
 DETECTING = "stagewatch_detecting"  # set on a detection pass's session: its own changes need no further pass
@@ -24,12 +24,21 @@ class Changes:
     runs: set[int] = field(default_factory=set)  # new feed events: wake live-event streams and detection
     commands: set[int] = field(default_factory=set)  # a command to fetch, or the run ended: wake its long-poll
 
+    def all(self) -> set[int]:
+        return self.runs | self.commands
+
 
 def mark(session: Session, run_id: int, *, command: bool = False) -> None:
     changes: Changes = session.info.setdefault(_KEY, Changes())
     changes.runs.add(run_id)
     if command:
         changes.commands.add(run_id)
+
+
+def peek(session: Session) -> Changes | None:
+    """What the transaction changed so far, left in place (``before_commit``: the commit may still fail)."""
+    changes: Changes | None = session.info.get(_KEY)
+    return changes
 
 
 def take(session: Session) -> Changes | None:

@@ -1,0 +1,145 @@
+"""Two server processes on one PostgreSQL database (server.replicas): what one commits wakes the waiters of the
+other through LISTEN/NOTIFY, and detection passes of one run take turns through an advisory lock.
+
+Both processes run with ``STAGEWATCH_RECHECK_S=600``: a waiter that nothing wakes would read the database again
+only after ten minutes, so an event or a command that arrives is one that a notification delivered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from server.replicas import PASS_LOCK
+from tests.server_process import ServerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("migrated_url", ["postgres"], indirect=True)]
+
+NO_RECHECK = {"STAGEWATCH_RECHECK_S": "600"}
+TIMEOUT_S = 60.0  # a bound on each wait, far above what any of them takes
+DETECTOR = {
+    "name": "autodecay",
+    "metric": "epoch/train_loss",
+    "params": {"min_stage": 6, "confirm": 1, "min_window_blocks": 3, "max_decays": 2, "smooth": 1, "rho": 0.2},
+}
+
+
+@pytest.fixture
+def replicas(migrated_url: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    a = ServerProcess(migrated_url, tmp_path / "a", env=NO_RECHECK)
+    b = ServerProcess(migrated_url, tmp_path / "b", env=NO_RECHECK)
+    with a, b:
+        yield a, b
+
+
+def libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_run(base: str, **fields: Any) -> int:
+    response = httpx.post(f"{base}/api/v1/runs", json={"name": "replicated", **fields}, timeout=TIMEOUT_S)
+    assert response.status_code == 201, response.text
+    run_id: int = response.json()["id"]
+    return run_id
+
+
+def ingest(base: str, run_id: int, points: list[dict[str, Any]]) -> None:
+    response = httpx.post(f"{base}/api/v1/runs/{run_id}/metrics", json={"points": points}, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """``(event, data)`` as a live stream sends them."""
+    event, data = "message", ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data = line[len("data: ") :]
+        elif line == "":
+            if data:
+                yield event, data
+            event, data = "message", ""
+
+
+def test_a_batch_ingested_on_one_replica_reaches_a_stream_on_the_other(
+    replicas: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = replicas
+    run_id = create_run(a.url)
+    with (
+        httpx.Client(timeout=TIMEOUT_S) as client,
+        client.stream("GET", f"{b.url}/api/v1/runs/{run_id}/stream") as stream,
+    ):
+        events = sse_events(stream)
+        assert next(events)[0] == "hello"
+        ingest(a.url, run_id, [{"key": "loss", "step": 1, "value": 0.5}])
+        # The first batch may be found by the stream's first read; once it is delivered, the stream has read the
+        # database and waits: the second batch can only reach it through a notification.
+        assert '"last_step":1' in next(e for e in events if e[0] == "points")[1]
+        ingest(a.url, run_id, [{"key": "loss", "step": 2, "value": 0.4}])
+        assert '"last_step":2' in next(e for e in events if e[0] == "points")[1]
+
+
+def test_a_command_posted_on_one_replica_reaches_a_long_poll_on_the_other(
+    replicas: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = replicas
+    run_id = create_run(a.url)
+    answer: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        answer["response"] = httpx.get(f"{b.url}/api/v1/runs/{run_id}/commands", params={"wait": 30}, timeout=TIMEOUT_S)
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    posted = httpx.post(
+        f"{a.url}/api/v1/runs/{run_id}/commands", json={"action": "decay", "factor": 0.1}, timeout=TIMEOUT_S
+    )
+    assert posted.status_code == 201, posted.text
+    poller.join(TIMEOUT_S)
+    response = answer["response"]
+    assert response.status_code == 200, response.text
+    # Returned with the command, not empty at the end of its 30 s: B read it either before A committed (then
+    # it waited, with no re-check for ten minutes) or after a notification woke it.
+    assert [c["id"] for c in response.json()["data"]] == [posted.json()["id"]]
+
+
+def test_passes_of_one_run_take_turns_across_replicas(
+    replicas: tuple[ServerProcess, ServerProcess], migrated_url: str
+) -> None:
+    """While a pass of the run holds its advisory lock (here: the test holds it), a pass that either replica
+    starts for that run waits for it; released, both catch up."""
+    a, b = replicas
+    run_id = create_run(a.url, detector=DETECTOR, mode="observe")
+    waiting_sql = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND NOT granted"
+    )
+    with (
+        psycopg.connect(libpq(migrated_url), autocommit=True) as holder,
+        psycopg.connect(libpq(migrated_url), autocommit=True) as probe,
+    ):
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (PASS_LOCK, run_id))
+        ingest(a.url, run_id, [{"key": "epoch/train_loss", "step": 10, "value": 1.0, "epoch": 1.0}])
+        ingest(b.url, run_id, [{"key": "epoch/train_loss", "step": 20, "value": 0.9, "epoch": 2.0}])
+        # Both replicas' passes are blocked on the lock: waited for as a condition on PostgreSQL's own view.
+        deadline = time.monotonic() + TIMEOUT_S
+        while (waiting := probe.execute(waiting_sql, (PASS_LOCK, run_id)).fetchone()) != (2,):
+            assert time.monotonic() < deadline, f"{waiting} passes waiting: a pass ran without the run's lock"
+            time.sleep(0.05)  # polling PostgreSQL's view of the locks; the condition decides, not the time
+        progress = httpx.get(f"{a.url}/api/v1/runs/{run_id}/detection", timeout=TIMEOUT_S).json()
+        assert progress["through_step"] is None, progress  # nothing examined while the lock is held
+        holder.execute("SELECT pg_advisory_unlock(%s, %s)", (PASS_LOCK, run_id))
+    for server in (a, b):
+        caught_up = httpx.get(
+            f"{server.url}/api/v1/runs/{run_id}/detection", params={"wait": 30}, timeout=TIMEOUT_S
+        ).json()
+        assert caught_up["through_step"] == 20, caught_up
