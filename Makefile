@@ -32,6 +32,20 @@ $(VISION_STAMP): pyproject.toml
 .PHONY: vision-venv vendor-plotly
 vision-venv: $(VISION_STAMP)
 
+# `make mlflow-venv`: MLflow in an environment of its own, for benchmarks/bench_mlflow.py, which talks to it over
+# HTTP only: .venv never gets mlflow or the pins it brings. Pinned, so that the comparison is against one release.
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.mlflow-installed
+
+$(MLFLOW_STAMP):
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet mlflow==3.17.2
+	touch $(MLFLOW_STAMP)
+
+.PHONY: mlflow-venv
+mlflow-venv: $(MLFLOW_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/stagewatch demo
 
