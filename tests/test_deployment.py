@@ -140,7 +140,9 @@ def test_server_is_published_on_loopback_only_with_auth_on() -> None:
     assert "--no-auth" not in server_cmd and "--allow-insecure-bind" not in server_cmd
     port = int(server_cmd[server_cmd.index("--port") + 1])
     assert port == CONTAINER_PORT
-    assert service("server")["ports"] == [f"127.0.0.1:{CONTAINER_PORT}:{port}"]
+    # Only the balancer is published, on loopback; it reaches each replica on the compose network.
+    assert "ports" not in service("server") and "ports" not in service("server-2")
+    assert service("balancer")["ports"] == [f"127.0.0.1:{CONTAINER_PORT}:{CONTAINER_PORT}"]
     healthcheck = service("server")["healthcheck"]["test"]
     assert healthcheck[:3] == ["CMD", "python", "-c"] and f"127.0.0.1:{port}/healthz" in healthcheck[3]
 
@@ -290,3 +292,21 @@ def test_compose_commands_run_against_postgres(deploy_db: str, tmp_path: Path) -
     finally:
         stop(proc)
     assert proc.returncode is not None
+
+
+def test_the_balancer_fronts_identical_replicas_with_the_tested_configuration() -> None:
+    """deploy/haproxy.cfg is what tests/test_replicas.py runs (Debian's haproxy 2.6, the image's version)."""
+    balancer = service("balancer")
+    assert balancer["image"] == "haproxy:2.6"
+    assert balancer["volumes"] == ["./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"]
+    assert (ROOT / "deploy" / "haproxy.cfg").is_file()
+    env = balancer["environment"]
+    assert env["STAGEWATCH_BIND"] == f"0.0.0.0:{CONTAINER_PORT}"
+    replicas = [value.split(":")[0] for key, value in sorted(env.items()) if key.startswith("STAGEWATCH_REPLICA_")]
+    assert replicas == ["server", "server-2"]
+    for name in replicas:  # each the same server: same command, image and database
+        assert command(name) == command("server")
+        assert compose_environment(name) == compose_environment("server")
+        assert balancer["depends_on"][name]["condition"] == "service_healthy"
+    config = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    assert all(f"${{STAGEWATCH_REPLICA_{i}}}" in config for i in range(1, len(replicas) + 1))

@@ -7,9 +7,14 @@ only after ten minutes, so an event or a command that arrives is one that a noti
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+import trainer
 from server.replicas import PASS_LOCK
+from tests.conftest import free_port
 from tests.server_process import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("migrated_url", ["postgres"], indirect=True)]
@@ -143,3 +150,78 @@ def test_passes_of_one_run_take_turns_across_replicas(
             f"{server.url}/api/v1/runs/{run_id}/detection", params={"wait": 30}, timeout=TIMEOUT_S
         ).json()
         assert caught_up["through_step"] == 20, caught_up
+
+
+# --- the balancer: Debian's HAProxy with deploy/haproxy.cfg, as docker-compose.yml runs it ---------------------
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+HAPROXY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+
+
+@contextlib.contextmanager
+def balancer(replicas: Sequence[ServerProcess], log_dir: Path) -> Iterator[str]:
+    """HAProxy with the shipped configuration in front of ``replicas``; yields its URL once it answers."""
+    port = free_port()
+    env = {**os.environ, "STAGEWATCH_BIND": f"127.0.0.1:{port}"}
+    env.update({f"STAGEWATCH_REPLICA_{i}": f"127.0.0.1:{r.port}" for i, r in enumerate(replicas, start=1)})
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "haproxy.log").open("ab") as out:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(HAPROXY_CONFIG)], env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # until it answers through a replica it has found healthy
+            assert proc.poll() is None, (log_dir / "haproxy.log").read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the balancer never answered /readyz"
+            time.sleep(0.05)  # polling a condition
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    # Its health checks passed on the replicas that were up (a check the server refuses takes them all out).
+    assert "wrong status" not in (log_dir / "haproxy.log").read_text()
+
+
+def test_a_worker_through_the_balancer_survives_a_replica_killed_mid_run(
+    replicas: tuple[ServerProcess, ServerProcess], tmp_path: Path
+) -> None:
+    """A real worker streams through HAProxy while one replica is SIGKILLed and restarted: every point is
+    stored once, and a command posted through the balancer reaches the worker and is acknowledged."""
+    a, b = replicas
+    steps = 600
+    with balancer(replicas, tmp_path / "haproxy") as url:
+        with trainer.start_run(url, name="through-the-balancer", spool_dir=tmp_path / "spool") as run:
+            for step in range(steps // 2):
+                run.log({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+            assert run.flush(timeout=TIMEOUT_S)
+            a.kill()  # SIGKILL: requests in flight on it are cut off
+            for step in range(steps // 2, steps):
+                run.log({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+            assert run.flush(timeout=TIMEOUT_S)
+            a.start()
+            posted = httpx.post(
+                f"{url}/api/v1/runs/{run.id}/commands", json={"action": "decay", "factor": 0.5}, timeout=TIMEOUT_S
+            )
+            assert posted.status_code == 201, posted.text
+            deadline = time.monotonic() + TIMEOUT_S
+            while not (pending := run.pending_commands()):
+                assert time.monotonic() < deadline, "the command never reached the worker"
+                time.sleep(0.05)  # polling the client's inbox, filled by its own long-poll
+            assert [c.id for c in pending] == [posted.json()["id"]]
+            run.ack_command(pending[0].id, status="applied", step=steps, lr=0.05)
+            assert run.flush(timeout=TIMEOUT_S)
+        run_id = run.id
+    for server in (a, b):  # either replica, asked directly, has the same complete run
+        for key in ("loss", "lr"):
+            exported = httpx.get(
+                f"{server.url}/api/v1/runs/{run_id}/metrics/export",
+                params={"format": "jsonl", "key": key},
+                timeout=TIMEOUT_S,
+            )
+            assert [json.loads(line)["step"] for line in exported.text.splitlines()] == list(range(steps)), key
+        unacknowledged = httpx.get(f"{server.url}/api/v1/runs/{run_id}/commands", timeout=TIMEOUT_S)
+        assert unacknowledged.json()["data"] == []
+        assert httpx.get(f"{server.url}/api/v1/runs/{run_id}", timeout=TIMEOUT_S).json()["status"] == "finished"
