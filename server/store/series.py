@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -48,58 +52,42 @@ def query_series(session: Session, series: Series, *, min_step: int, max_step: i
     assert bounds is not None  # there are points in range: `head` is not empty
     extremes = _Extremes(*bounds, n_buckets=max(1, (max_points - 1) // 2))
     extremes.collect(session, series.id)
-    chosen = sorted(extremes.representatives() | {bounds[1]})
-    return _out(series.key, raw.points_at(session, series.id, chosen), extremes.total, downsampled=True)
+    representatives, total = extremes.summarize()
+    chosen = sorted(representatives | {bounds[1]})
+    return _out(series.key, raw.points_at(session, series.id, chosen), total, downsampled=True)
+
+
+RollupRow = tuple[int, int | None, int | None, float | None, int | None, float | None]
+_ROLLUP = pa.struct(
+    [
+        ("count", pa.int64()),
+        ("nan_step", pa.int64()),
+        ("min_step", pa.int64()),
+        ("min_value", pa.float64()),
+        ("max_step", pa.int64()),
+        ("max_value", pa.float64()),
+    ]
+)
 
 
 class _Extremes:
-    """Per output bucket: the (value, step) of its minimum and maximum, and its first NaN step. Ties go to
-    the earlier step, as in the rollups."""
+    """Per output bucket: its minimum and maximum point and its first NaN, from rollup rows ``(count, nan_step,
+    min_step, min_value, max_step, max_value)`` (a raw point is a row of one). Ties go to the earlier step, as in
+    the rollups. Computed column-wise (numpy): thousands of rows per chart, where a Python loop over them was
+    two thirds of a chart request's time."""
 
     def __init__(self, lo: int, hi: int, *, n_buckets: int) -> None:
         self.lo, self.hi, self.n = lo, hi, n_buckets
         self.width = (hi - lo + 1) / n_buckets
-        self.low: list[tuple[float, int] | None] = [None] * n_buckets
-        self.high: list[tuple[float, int] | None] = [None] * n_buckets  # stored as (-value, step)
-        self.nan: list[int | None] = [None] * n_buckets
-        self.total = 0
-
-    def _index(self, step: int) -> int:
-        return min(self.n - 1, int((step - self.lo) / self.width))
-
-    def add(
-        self,
-        min_step: int | None,
-        min_value: float | None,
-        max_step: int | None,
-        max_value: float | None,
-        nan_step: int | None,
-    ) -> None:
-        if min_step is not None and min_value is not None:
-            i = self._index(min_step)
-            current = self.low[i]
-            if current is None or (min_value, min_step) < current:
-                self.low[i] = (min_value, min_step)
-        if max_step is not None and max_value is not None:
-            i = self._index(max_step)
-            current = self.high[i]
-            if current is None or (-max_value, max_step) < current:
-                self.high[i] = (-max_value, max_step)
-        if nan_step is not None:
-            i = self._index(nan_step)
-            current_nan = self.nan[i]
-            if current_nan is None or nan_step < current_nan:
-                self.nan[i] = nan_step
+        self.rows: list[RollupRow] = []
 
     def add_raw(self, session: Session, series_id: int, lo: int, hi: int) -> None:
         if lo > hi:
             return
-        for step, value, _epoch, _time in raw.points_in_range(session, series_id, lo, hi):
-            self.total += 1
-            if value is None:
-                self.add(None, None, None, None, step)
-            else:
-                self.add(step, value, step, value, None)
+        self.rows.extend(
+            (1, step, None, None, None, None) if value is None else (1, None, step, value, step, value)
+            for step, value, _epoch, _time in raw.points_in_range(session, series_id, lo, hi)
+        )
 
     def collect(self, session: Session, series_id: int) -> None:
         """Raw points at both ends, rollup rows of the coarsest fitting level in between."""
@@ -114,23 +102,38 @@ class _Extremes:
             self.add_raw(session, series_id, self.lo, self.hi)
             return
         self.add_raw(session, series_id, self.lo, (first_full << shift) - 1)
-        for count, nan_step, min_step, min_value, max_step, max_value in read_level_rows(
-            session, series_id, level, first_full, last_full
-        ):
-            self.total += count
-            self.add(min_step, min_value, max_step, max_value, nan_step)
+        self.rows.extend(read_level_rows(session, series_id, level, first_full, last_full))
         self.add_raw(session, series_id, (last_full + 1) << shift, self.hi)
 
-    def representatives(self) -> set[int]:
-        steps: set[int] = set()
-        for low, high, nan in zip(self.low, self.high, self.nan, strict=True):
-            if nan is not None:
-                steps.add(nan)
-            elif low is not None:
-                steps.add(low[1])
-            if high is not None:
-                steps.add(high[1])
-        return steps
+    def _bucket(self, steps: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        return np.minimum(self.n - 1, ((steps - self.lo) / self.width).astype(np.int64))
+
+    def _first_per_bucket(self, steps: pa.ChunkedArray, order_by: pa.ChunkedArray | None) -> npt.NDArray[np.int64]:
+        """Per bucket, the step of the row that sorts first by ``(order_by, step)`` (-1: none)."""
+        valid = pc.is_valid(steps)
+        step = pc.filter(steps, valid).to_numpy()
+        bucket = self._bucket(step)
+        keys = (step, pc.filter(order_by, valid).to_numpy(), bucket) if order_by is not None else (step, bucket)
+        order = np.lexsort(keys)
+        bucket, step = bucket[order], step[order]
+        first = np.ones(len(bucket), dtype=bool)
+        first[1:] = bucket[1:] != bucket[:-1]
+        chosen = np.full(self.n, -1, dtype=np.int64)
+        chosen[bucket[first]] = step[first]
+        return chosen
+
+    def summarize(self) -> tuple[set[int], int]:
+        """The steps to show -- per bucket its first NaN, else its minimum; and its maximum -- and how many
+        points the range holds."""
+        if not self.rows:
+            return set(), 0
+        table = pa.Table.from_struct_array(pa.array(self.rows, type=_ROLLUP))
+        total = int(pc.sum(table.column("count")).as_py())
+        nan = self._first_per_bucket(table.column("nan_step"), None)
+        low = self._first_per_bucket(table.column("min_step"), table.column("min_value"))
+        high = self._first_per_bucket(table.column("max_step"), pc.negate(table.column("max_value")))
+        steps = np.concatenate([np.where(nan >= 0, nan, low), high])
+        return {int(s) for s in steps[steps >= 0]}, total
 
 
 def _coarsest_level(bucket_width: float) -> int | None:
