@@ -197,6 +197,21 @@ def points_in_range(session: Session, series_id: int, lo: int, hi: int, *, limit
         cursor.close()
 
 
+def more_than(session: Session, series_id: int, lo: int, hi: int, count: int) -> bool:
+    """Whether ``[lo, hi]`` holds more than ``count`` points: one index probe past the first ``count`` (no row
+    of them becomes a Python object, as reading them to count would)."""
+    cursor, mark = driver_cursor(session)
+    try:
+        cursor.execute(
+            f"SELECT 1 FROM metric_points WHERE series_id = {mark} AND step >= {mark} AND step <= {mark} "
+            f"ORDER BY step LIMIT 1 OFFSET {mark}",
+            (series_id, lo, hi, count),
+        )
+        return cursor.fetchone() is not None
+    finally:
+        cursor.close()
+
+
 def step_bounds(session: Session, series_id: int, lo: int, hi: int) -> tuple[int, int] | None:
     """First and last step in ``[lo, hi]``. Two single-ended index probes: one query asking for min and
     max together makes SQLite scan the whole range."""

@@ -45,9 +45,10 @@ def _out(key: str, rows: Sequence[PointRow], total: int, downsampled: bool) -> S
 
 
 def query_series(session: Session, series: Series, *, min_step: int, max_step: int, max_points: int) -> SeriesOut:
-    head = raw.points_in_range(session, series.id, min_step, max_step, limit=max_points + 1)
-    if len(head) <= max_points:
-        return _out(series.key, head, len(head), downsampled=False)
+    if not raw.more_than(session, series.id, min_step, max_step, max_points):
+        rows = raw.points_in_range(session, series.id, min_step, max_step, limit=max_points + 1)
+        if len(rows) <= max_points:  # else points arrived since the probe (a read that is no snapshot)
+            return _out(series.key, rows, len(rows), downsampled=False)
     bounds = raw.step_bounds(session, series.id, min_step, max_step)
     assert bounds is not None  # there are points in range: `head` is not empty
     extremes = _Extremes(*bounds, n_buckets=max(1, (max_points - 1) // 2))
