@@ -26,6 +26,7 @@ from server.store import changes
 from server.web_security import install as install_web_security
 
 log = logging.getLogger("stagewatch.app")
+POSTGRES_DETECTION_THREADS = 4
 
 API_DESCRIPTION = """Stagewatch records training runs (metrics, stages, learning-rate decisions) and serves them.
 
@@ -63,7 +64,8 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
             # Listening before the first request is answered: a change committed elsewhere after that is seen.
             if not await asyncio.to_thread(listener.wait_listening, 10.0):
                 log.warning("not yet listening for other server processes' changes; waiters re-check the database")
-        state.live = LiveDetection(state.sessions)
+        threads = settings.detection_threads or (POSTGRES_DETECTION_THREADS if postgres else 1)
+        state.live = LiveDetection(state.sessions, threads=threads)
         state.live.start()
         try:
             yield

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # How often a waiting long-poll or live stream also reads the database, for a change nothing woke it for (a
     # server process that could not notify it, see server.replicas). None: each waiter's own default (1 s, 2 s).
     recheck_s: float | None = Field(default=None, gt=0, le=3600)
+    # Threads running detection passes (server.live.engine). None: 1 on SQLite (its writers take turns anyway),
+    # 4 on PostgreSQL (passes of different runs write at once).
+    detection_threads: int | None = Field(default=None, ge=1, le=64)
     # Host header values to accept besides the loopback names and the bound address (see trusted_hosts); "*" is
     # any, "*.example.com" any subdomain. STAGEWATCH_ALLOWED_HOSTS takes them comma-separated.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

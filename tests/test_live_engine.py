@@ -17,8 +17,8 @@ from server.live.engine import LiveDetection
 
 
 class RecordedPasses(LiveDetection):
-    def __init__(self, sessions: sessionmaker[Session], *, min_interval_s: float) -> None:
-        super().__init__(sessions, min_interval_s=min_interval_s)
+    def __init__(self, sessions: sessionmaker[Session], *, min_interval_s: float, threads: int = 1) -> None:
+        super().__init__(sessions, min_interval_s=min_interval_s, threads=threads)
         self.passes: list[tuple[int, float]] = []  # run, the monotonic time the scheduler started its pass
         self.recorded = threading.Condition()
 
@@ -78,3 +78,37 @@ def test_every_notification_is_followed_by_a_pass_and_passes_keep_their_distance
     assert len(starts) < len(notified_at)
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert all(gap >= interval for gap in gaps), gaps
+
+
+class HeldPasses(RecordedPasses):
+    """Passes of the runs in ``held`` wait until ``release`` is set."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, threads: int, held: set[int]) -> None:
+        super().__init__(sessions, min_interval_s=0.0, threads=threads)
+        self.held = held
+        self.release = threading.Event()
+
+    def _pass(self, run_id: int) -> None:
+        super()._pass(run_id)
+        if run_id in self.held:
+            assert self.release.wait(30), "never released"
+
+
+def test_with_two_threads_a_held_run_neither_blocks_others_nor_runs_twice(sessions: sessionmaker[Session]) -> None:
+    live = HeldPasses(sessions, threads=2, held={1})
+    live.start()
+    try:
+        live.notify(1)
+        live.wait_for_pass(1)  # thread A is now inside run 1's pass, held
+        live.notify(2)
+        live.wait_for_pass(2)  # thread B passed run 2 meanwhile
+        live.notify(1)  # queued first...
+        live.notify(3)
+        live.wait_for_pass(3)  # ...yet thread B took run 3: run 1 is being passed
+        assert [run for run, _ in live.passes].count(1) == 1
+        live.release.set()
+        assert live.wait_idle(timeout=30)
+        assert [run for run, _ in live.passes].count(1) == 2  # its second notification got its own pass after
+    finally:
+        live.release.set()
+        live.stop()

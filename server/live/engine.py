@@ -1,23 +1,26 @@
-"""The thread that runs live detection, off the request path.
+"""The threads that run live detection, off the request path.
 
 Every commit that changes a run (ingest, a decision's transition, a run update) calls
-:meth:`LiveDetection.notify` through the app's after-commit hook (``server.store.changes``); this thread then
-runs a pass (:func:`server.live.detection.process_run`) for each run that has news, one run at a time, each pass
-in its own write transaction. What a pass commits wakes the worker's long-poll and the live-event streams
-through the same hook (and queues no further pass).
+:meth:`LiveDetection.notify` through the app's after-commit hook (``server.store.changes``); a thread then runs
+a pass (:func:`server.live.detection.process_run`) for each run that has news, each pass in its own write
+transaction. With several threads (``threads``; PostgreSQL, where passes of different runs can write at once)
+busy runs do not queue behind one another; a run is never passed by two threads at once, and across server
+processes its passes take turns under an advisory lock (``server.replicas``). What a pass commits wakes the
+worker's long-poll and the live-event streams through the same hook (and queues no further pass).
 
-A run streaming many small batches gets at most one pass every ``min_interval_s`` (5 ms): one pass takes every
+A run streaming many small batches gets at most one pass every ``min_interval_s`` (10 ms): one pass takes every
 point that arrived meanwhile, instead of one write transaction per batch competing with the ingest it follows
 (with a client sending one point per request, a pass each cost ~40 % of the request's time). A run that was
 quiet for that long still gets its pass at once, so a worker's usual batch a second waits for nothing.
 
-Every ``sweep_s`` it also approves proposals whose run's ``auto_approve_after_s`` has passed. At start it
+Every ``sweep_s`` the first thread also approves proposals whose run's ``auto_approve_after_s`` has passed. At start it
 queues every run with a detector, so a restarted server catches up on points it has not processed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -35,29 +38,45 @@ logger = logging.getLogger("stagewatch.live")
 
 
 class LiveDetection:
-    def __init__(self, sessions: sessionmaker[Session], *, sweep_s: float = 0.5, min_interval_s: float = 0.01) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        sweep_s: float = 0.5,
+        min_interval_s: float = 0.01,
+        threads: int = 1,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self._sessions = sessions
         self._sweep_s = sweep_s
         self._min_interval_s = min_interval_s
         self._dirty: dict[int, None] = {}  # insertion-ordered set
         self._passed_at: dict[int, float] = {}  # run -> monotonic start of its last pass, within min_interval_s
+        self._running: set[int] = set()  # runs a thread is passing now: no second thread takes them meanwhile
         self._cond = threading.Condition()
-        self._busy = False
+        self._busy = 0  # threads at work
         self._stop = False
-        self._thread = threading.Thread(target=self._main, name="stagewatch-live", daemon=True)
+        # Thread 0 also runs the auto-approval sweep.
+        self._threads = [
+            threading.Thread(target=self._main, args=(i == 0,), name=f"stagewatch-live-{i}", daemon=True)
+            for i in range(threads)
+        ]
 
     def start(self) -> None:
         with transaction(self._sessions) as session:
             runs = session.scalars(select(Run.id).where(Run.detector.is_not(None)).order_by(Run.id)).all()
         with self._cond:
             self._dirty.update(dict.fromkeys(runs))
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def notify(self, run_id: int) -> None:
         """Thread-safe; cheap. The run gets a pass soon (several notifications make one pass)."""
@@ -76,8 +95,8 @@ class LiveDetection:
                 self._cond.wait(left)
         return True
 
-    def _main(self) -> None:
-        next_sweep = time.monotonic()
+    def _main(self, sweeper: bool) -> None:
+        next_sweep = time.monotonic() if sweeper else math.inf
         while True:
             with self._cond:
                 while True:
@@ -87,11 +106,13 @@ class LiveDetection:
                     run_id, ready_at = self._next_due(now)
                     if run_id is not None or now >= next_sweep:
                         break
-                    self._cond.wait(max(0.0, min(next_sweep, ready_at) - now))
+                    wake_at = min(next_sweep, ready_at)
+                    self._cond.wait(None if wake_at == math.inf else max(0.0, wake_at - now))
                 if run_id is not None:
                     del self._dirty[run_id]
                     self._passed_at[run_id] = now
-                self._busy = True
+                    self._running.add(run_id)
+                self._busy += 1
             try:
                 if run_id is not None:
                     self._isolated(self._pass, run_id)
@@ -102,17 +123,22 @@ class LiveDetection:
                 logger.exception("the auto-approval sweep failed")
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._busy -= 1
+                    if run_id is not None:
+                        self._running.discard(run_id)
                     self._cond.notify_all()
 
     def _next_due(self, now: float) -> tuple[int | None, float]:
-        """The first queued run whose last pass began at least ``min_interval_s`` ago, or None and the moment
-        the next one will be. Called with ``_cond`` held."""
+        """The first queued run that no thread is passing and whose last pass began at least ``min_interval_s``
+        ago, or None and the moment the next one will be (inf: when a running pass ends, which notifies).
+        Called with ``_cond`` held."""
         for run_id, began in list(self._passed_at.items()):
-            if now - began >= self._min_interval_s:
+            if now - began >= self._min_interval_s and run_id not in self._running:
                 del self._passed_at[run_id]  # forgotten once the interval is over: the map stays small
-        ready_at = float("inf")
+        ready_at = math.inf
         for run_id in self._dirty:
+            if run_id in self._running:
+                continue
             last = self._passed_at.get(run_id)
             if last is None:
                 return run_id, now
