@@ -15,7 +15,8 @@ For each topology -- ``--replicas`` N, then 1 (the comparison), each behind Debi
 * one live-event subscriber on ``/api/v1/stream`` through the balancer: for each batch, the time from its first
   send to its ``points`` event (matched by run and last step);
 * at D/2 seconds an operator ``decay`` for every run, posted through the balancer; from then on each worker
-  long-polls its commands (``wait=5``), acknowledges each command id once, and keeps polling until the end:
+  long-polls its commands (``wait=5``), acknowledges each command id once, and keeps polling until every command
+  was delivered (or none was for 30 s):
   counted are commands never delivered and commands delivered again after their acknowledgement (a worker that
   did not deduplicate would apply those twice);
 * at the end every run is exported (CSV) and its points counted: stored must equal sent, and no step is there
@@ -227,11 +228,11 @@ async def worker(
         await send_batch(client, log, body, (k + 1) * steps - 1, points)
 
 
-async def command_poller(client: httpx.AsyncClient, log: WorkerLog, start: float, end: float) -> None:
-    """From ``start``: long-polls, acknowledges each command once; a command delivered again after its
-    acknowledgement is counted."""
+async def command_poller(client: httpx.AsyncClient, log: WorkerLog, start: float, done: asyncio.Event) -> None:
+    """From ``start`` until ``done``: long-polls, acknowledges each command once; a command delivered again after
+    its acknowledgement is counted."""
     await asyncio.sleep(max(0.0, start - time.monotonic()))
-    while time.monotonic() < end:
+    while not done.is_set():
         try:
             response = await client.get(f"/api/v1/runs/{log.run_id}/commands", params={"wait": 5})
             if response.status_code != 200:
@@ -286,21 +287,39 @@ async def kill_and_restart(replica: Replica, at: float, record: dict[str, float]
 
 
 async def post_commands(url: str, token: str, run_ids: Sequence[int], at: float) -> list[int]:
+    """One ``decay`` per run, posted at ``at``, 20 at a time, each retried until the balancer took it."""
     await asyncio.sleep(max(0.0, at - time.monotonic()))
     headers = {"Authorization": f"Bearer {token}"}
-    ids = []
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client:
-        for run_id in run_ids:
+    gate = asyncio.Semaphore(20)
+
+    async def post(client: httpx.AsyncClient, run_id: int) -> int:
+        async with gate:
             while True:
                 with contextlib.suppress(httpx.HTTPError):
                     response = await client.post(
                         f"/api/v1/runs/{run_id}/commands", json={"action": "decay", "factor": 0.5}
                     )
                     if response.status_code == 201:
-                        ids.append(response.json()["id"])
-                        break
+                        command_id: int = response.json()["id"]
+                        return command_id
                 await asyncio.sleep(RETRY_PAUSE_S)
-    return ids
+
+    limits = httpx.Limits(max_connections=20)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        return list(await asyncio.gather(*(post(client, run_id) for run_id in run_ids)))
+
+
+async def settle(condition: Any, quiet_s: float, progress: Any) -> None:
+    """Waits until ``condition()``, or until ``progress()`` has not changed for ``quiet_s`` (bounded: whatever
+    is still missing then is counted as missing)."""
+    last, since = progress(), time.monotonic()
+    while not condition():
+        await asyncio.sleep(0.1)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > quiet_s:
+            return
 
 
 async def load(
@@ -317,24 +336,27 @@ async def load(
         clients = [await stack.enter_async_context(client_for(url, tokens["worker"])) for _ in logs]
         listening = asyncio.create_task(subscriber(url, tokens["operator"], arrivals, stop))
         t0 = time.monotonic() + 1.0
-        end = t0 + args.seconds + 5
+        done = asyncio.Event()
         halfway = t0 + args.seconds / 2
         tasks = [
             asyncio.create_task(worker(c, log, bodies, steps, t0, rng.random()))
             for c, log in zip(clients, logs, strict=True)
         ]
         pollers = [
-            asyncio.create_task(command_poller(c, log, halfway, end)) for c, log in zip(clients, logs, strict=True)
+            asyncio.create_task(command_poller(c, log, halfway, done)) for c, log in zip(clients, logs, strict=True)
         ]
         posting = asyncio.create_task(post_commands(url, tokens["operator"], run_ids, halfway))
         killing = asyncio.create_task(kill_and_restart(replicas[0], t0 + args.kill_at, kill))
         await asyncio.gather(*tasks, killing)
         wall = time.monotonic() - t0
         command_ids = await posting
+        # Every command delivered, or 30 s without a new delivery; then the stream's stragglers, the same way.
+        await settle(lambda: len(command_ids) == sum(len(log.commands) for log in logs), 30.0,
+                     lambda: sum(len(log.commands) for log in logs))  # fmt: skip
+        done.set()
         await asyncio.gather(*pollers)
-        deadline = time.monotonic() + 30
-        while len(arrivals) < sum(len(log.first_sent) for log in logs) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)  # stragglers of the live stream, bounded
+        batches = sum(len(log.first_sent) for log in logs)
+        await settle(lambda: len(arrivals) >= batches, 30.0, lambda: len(arrivals))
         stop.set()
         listening.cancel()
         with contextlib.suppress(asyncio.CancelledError):

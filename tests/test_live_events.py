@@ -10,8 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
+from server.db import make_engine, make_session_factory, transaction
+from server.schemas import RunCreate
+from server.store import feed
+from server.store.runs import create_run
 from tests.conftest import LiveServer, make_run, points
 
 pytestmark = pytest.mark.slow  # see the tiers in the README (make test-fast leaves these out)
@@ -201,3 +207,67 @@ def test_bad_cursor_and_unknown_run(client: httpx.Client):
     assert negative.status_code == 422 and "after" in negative.json()["detail"]
     missing = client.get("/api/v1/runs/999/stream")
     assert missing.status_code == 404
+
+
+@pytest.mark.parametrize("migrated_url", ["postgres"], indirect=True)
+def test_an_event_committed_after_a_later_one_is_not_skipped(migrated_url: str) -> None:
+    """PostgreSQL hands out feed ids when rows are inserted, and transactions commit in any order. A stream's
+    cursor must not move past event N while N's transaction is in flight, or N, committed after N+1 was read,
+    would never reach it. (Read through the stream's own cursor, on a real database: which of two commits a
+    live stream reads first is a race an HTTP test could not pin down.)"""
+    engine = make_engine(migrated_url)
+    sessions = make_session_factory(engine)
+    try:
+        with transaction(sessions, write=True) as session:
+            run_id = create_run(session, RunCreate(name="feed"), actor="test").id
+        with transaction(sessions) as session:
+            cursor = feed.FeedCursor(feed.last_feed_id(session))
+        with psycopg.connect(make_url(migrated_url).set(drivername="postgresql").render_as_string(False)) as held:
+            row = held.execute(
+                "INSERT INTO feed_events (run_id, kind, payload, created_at) VALUES (%s, 'run', '{}', now()) "
+                "RETURNING id",
+                (run_id,),
+            ).fetchone()
+            assert row is not None
+            with transaction(sessions, write=True) as session:  # a later id, committed first
+                feed.add_feed_event(session, run_id, "points", {"keys": {}})
+            with transaction(sessions) as session:
+                assert cursor.read(session, run_id=None, limit=100) == []  # held back behind the in-flight id
+                assert cursor.read(session, run_id=run_id, limit=100) == []
+            held.commit()
+        with transaction(sessions) as session:
+            events = cursor.read(session, run_id=None, limit=100)
+            assert [(e.id, e.kind) for e in events] == [(row[0], "run"), (row[0] + 1, "points")]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("migrated_url", ["postgres"], indirect=True)
+def test_an_id_that_never_commits_is_skipped_after_its_grace(
+    migrated_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolled-back transaction leaves a hole in the sequence for good: the stream waits GAP_GRACE_S for it,
+    then goes on past it."""
+    engine = make_engine(migrated_url)
+    sessions = make_session_factory(engine)
+    try:
+        with transaction(sessions, write=True) as session:
+            run_id = create_run(session, RunCreate(name="feed"), actor="test").id
+        with transaction(sessions) as session:
+            cursor = feed.FeedCursor(feed.last_feed_id(session))
+        with psycopg.connect(make_url(migrated_url).set(drivername="postgresql").render_as_string(False)) as held:
+            held.execute(
+                "INSERT INTO feed_events (run_id, kind, payload, created_at) VALUES (%s, 'run', '{}', now())",
+                (run_id,),
+            )
+            held.rollback()
+        with transaction(sessions, write=True) as session:
+            feed.add_feed_event(session, run_id, "points", {"keys": {}})
+        monkeypatch.setattr(feed, "GAP_GRACE_S", 600.0)
+        with transaction(sessions) as session:
+            assert cursor.read(session, run_id=None, limit=100) == []  # within its grace, the gap is waited for
+        monkeypatch.setattr(feed, "GAP_GRACE_S", 0.0)
+        with transaction(sessions) as session:  # past it: skipped
+            assert [e.kind for e in cursor.read(session, run_id=None, limit=100)] == ["points"]
+    finally:
+        engine.dispose()

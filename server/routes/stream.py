@@ -31,7 +31,7 @@ from server.errors import ERROR_RESPONSES, Invalid
 from server.models import FeedEvent
 from server.schemas import MAX_FEED_ID, RunId
 from server.state import ALL_RUNS, AppState, State
-from server.store.feed import last_feed_id, read_feed
+from server.store.feed import FeedCursor, last_feed_id
 from server.store.runs import get_run
 from server.store.tokens import token_is_active
 
@@ -80,12 +80,12 @@ def _message(event: FeedEvent) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, kind, data)
 
 
-def _read(state: AppState, after: int, run_id: int | None, token_id: int | None) -> list[bytes] | None:
+def _read(state: AppState, cursor: FeedCursor, run_id: int | None, token_id: int | None) -> list[bytes] | None:
     """The next events, or None once the stream's token has been revoked."""
     with transaction(state.sessions) as session:
         if token_id is not None and not token_is_active(session, token_id):
             return None
-        return [_message(e) for e in read_feed(session, after=after, run_id=run_id, limit=BATCH)]
+        return [_message(e) for e in cursor.read(session, run_id=run_id, limit=BATCH)]
 
 
 def _start(state: AppState, run_id: int | None) -> int:
@@ -104,17 +104,17 @@ async def _events(
         hello = orjson.dumps({"cursor": cursor, "run_id": run_id})
         yield b"retry: 1000\nid: %d\nevent: hello\ndata: %s\n\n" % (cursor, hello)
         quiet = 0.0
+        feed = FeedCursor(cursor)
         while not await request.is_disconnected():
             signal.clear()  # before reading: a commit after the read still wakes the wait below
-            messages = await run_in_threadpool(_read, state, cursor, run_id, token_id)
+            messages = await run_in_threadpool(_read, state, feed, run_id, token_id)
             if messages is None:  # checked at every read, and at least every RECHECK_S
-                yield b'id: %d\nevent: revoked\ndata: {"detail": "the token was revoked"}\n\n' % cursor
+                yield b'id: %d\nevent: revoked\ndata: {"detail": "the token was revoked"}\n\n' % feed.after
                 return
             if messages:
                 quiet = 0.0
                 for message in messages:
                     yield message
-                cursor = int(messages[-1].split(b"\n", 1)[0][4:])
                 if len(messages) == BATCH:
                     continue
             recheck = state.settings.recheck_s or RECHECK_S
