@@ -243,31 +243,46 @@ def test_an_event_committed_after_a_later_one_is_not_skipped(migrated_url: str) 
 
 
 @pytest.mark.parametrize("migrated_url", ["postgres"], indirect=True)
-def test_an_id_that_never_commits_is_skipped_after_its_grace(
+def test_an_id_that_never_commits_is_passed_over_once_nothing_can_hold_it(
     migrated_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A rolled-back transaction leaves a hole in the sequence for good: the stream waits GAP_GRACE_S for it,
-    then goes on past it."""
+    """A rolled-back transaction (or one of a killed server) leaves a hole in the sequence for good. The stream
+    passes over it once no transaction that could hold it runs; while an unrelated long transaction keeps the
+    database's oldest running transaction back, only after GAP_GRACE_S."""
     engine = make_engine(migrated_url)
     sessions = make_session_factory(engine)
+    libpq = make_url(migrated_url).set(drivername="postgresql").render_as_string(False)
+    monkeypatch.setattr(feed, "GAP_SETTLE_S", 0.0)
+    monkeypatch.setattr(feed, "GAP_GRACE_S", 600.0)
     try:
         with transaction(sessions, write=True) as session:
             run_id = create_run(session, RunCreate(name="feed"), actor="test").id
         with transaction(sessions) as session:
             cursor = feed.FeedCursor(feed.last_feed_id(session))
-        with psycopg.connect(make_url(migrated_url).set(drivername="postgresql").render_as_string(False)) as held:
-            held.execute(
+        with psycopg.connect(libpq) as long_one, psycopg.connect(libpq) as rolled_back:
+            long_one.execute("SELECT pg_current_xact_id()")  # a transaction with an id, running throughout
+            rolled_back.execute(
                 "INSERT INTO feed_events (run_id, kind, payload, created_at) VALUES (%s, 'run', '{}', now())",
                 (run_id,),
             )
-            held.rollback()
+            rolled_back.rollback()
+            with transaction(sessions, write=True) as session:
+                feed.add_feed_event(session, run_id, "points", {"keys": {}})
+            with transaction(sessions) as session:  # the long transaction might hold the hole: waited for
+                assert cursor.read(session, run_id=None, limit=100) == []
+            monkeypatch.setattr(feed, "GAP_GRACE_S", 0.0)
+            with transaction(sessions) as session:  # ... until the grace is over
+                assert [e.kind for e in cursor.read(session, run_id=None, limit=100)] == ["points"]
+            monkeypatch.setattr(feed, "GAP_GRACE_S", 600.0)
+            long_one.rollback()
+            rolled_back.execute(
+                "INSERT INTO feed_events (run_id, kind, payload, created_at) VALUES (%s, 'run', '{}', now())",
+                (run_id,),
+            )
+            rolled_back.rollback()
         with transaction(sessions, write=True) as session:
-            feed.add_feed_event(session, run_id, "points", {"keys": {}})
-        monkeypatch.setattr(feed, "GAP_GRACE_S", 600.0)
-        with transaction(sessions) as session:
-            assert cursor.read(session, run_id=None, limit=100) == []  # within its grace, the gap is waited for
-        monkeypatch.setattr(feed, "GAP_GRACE_S", 0.0)
-        with transaction(sessions) as session:  # past it: skipped
-            assert [e.kind for e in cursor.read(session, run_id=None, limit=100)] == ["points"]
+            feed.add_feed_event(session, run_id, "stage", {})
+        with transaction(sessions) as session:  # nothing runs that could hold the hole: passed over at once
+            assert [e.kind for e in cursor.read(session, run_id=None, limit=100)] == ["stage"]
     finally:
         engine.dispose()

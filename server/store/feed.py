@@ -2,10 +2,13 @@
 
 On PostgreSQL, ids come from a sequence when a row is inserted, and concurrent transactions commit in any
 order: event 11 may be visible while event 10 is still in flight. A reader that took 11 and moved its cursor
-past 10 would never see 10. :class:`FeedCursor` therefore advances only over ids with no gap before them; a
-missing id is waited for (its transaction's commit wakes the streams) and skipped only when it stayed missing
-for ``GAP_GRACE_S`` -- a transaction that rolled back leaves a hole in the sequence for good. SQLite has one
-writer at a time and reuses a rolled-back id, so its ids are visible in order and nothing is held back there.
+past 10 would never see 10. :class:`FeedCursor` therefore advances only over ids with no gap before them. A
+missing id is waited for -- its transaction's commit wakes the streams -- and given up once no transaction that
+could hold it is still running: every transaction with an id was already writing when the gap was first seen,
+so it is over once the oldest running transaction (the snapshot's ``xmin``) is younger than the youngest one of
+then (``xmax``), which happens at once when the transaction rolled back or its server was killed. A gap is also
+given up after ``GAP_GRACE_S`` whatever runs. SQLite has one writer at a time and reuses a rolled-back id, so
+its ids are visible in order and nothing is held back there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from server.models import FeedEvent, utcnow
@@ -22,7 +25,8 @@ from server.store.changes import mark
 from server.store.points import driver_execute, to_driver
 
 FEED_KINDS = ("points", "decision", "stage", "run")
-GAP_GRACE_S = 10.0  # how long a missing id is waited for before it is taken for a rolled-back transaction's
+GAP_GRACE_S = 60.0  # the longest a missing id is waited for, however long the transactions that may hold it run
+GAP_SETTLE_S = 1.0  # the least: a transaction may take its id an instant before it takes its transaction id
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,8 @@ class FeedCursor:
 
     def __init__(self, after: int) -> None:
         self.after = after
-        self._missing_since: dict[int, float] = {}  # first id of a gap -> when this cursor first met it
+        # First id of a gap -> (when this cursor first saw it, the snapshot's xmax then).
+        self._gaps: dict[int, tuple[float, int]] = {}
 
     def read(self, session: Session, *, run_id: int | None, limit: int) -> list[FeedEvent]:
         if session.get_bind().dialect.name != "postgresql":
@@ -89,15 +94,28 @@ class FeedCursor:
         ids = session.scalars(
             select(FeedEvent.id).where(FeedEvent.id > self.after).order_by(FeedEvent.id).limit(limit)
         ).all()
-        horizon, now = self.after, time.monotonic()
+        now = time.monotonic()
+        xmin, xmax = session.execute(
+            text(
+                "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint "
+                "FROM pg_current_snapshot() AS s"
+            )
+        ).one()
+        previous = self.after
+        for event_id in ids:  # every gap in sight starts its clock now, not when the ones before it are passed
+            if event_id != previous + 1:
+                self._gaps.setdefault(previous + 1, (now, xmax))
+            previous = event_id
+        horizon = self.after
         for event_id in ids:
             if event_id != horizon + 1:
-                first_missing = self._missing_since.setdefault(horizon + 1, now)
-                if now - first_missing < GAP_GRACE_S:
+                seen, xmax_then = self._gaps[horizon + 1]
+                over = now - seen >= GAP_SETTLE_S and xmin >= xmax_then
+                if not over and now - seen < GAP_GRACE_S:
                     break  # in flight, most likely: its commit will wake this stream
-                logger.warning("live feed ids %d..%d never appeared; skipped", horizon + 1, event_id - 1)
+                logger.info("live feed ids %d..%d never committed; passed over", horizon + 1, event_id - 1)
             horizon = event_id
-        self._missing_since = {gap: since for gap, since in self._missing_since.items() if gap > horizon}
+        self._gaps = {gap: seen for gap, seen in self._gaps.items() if gap > horizon}
         return horizon
 
 
