@@ -225,3 +225,43 @@ def test_a_worker_through_the_balancer_survives_a_replica_killed_mid_run(
         unacknowledged = httpx.get(f"{server.url}/api/v1/runs/{run_id}/commands", timeout=TIMEOUT_S)
         assert unacknowledged.json()["data"] == []
         assert httpx.get(f"{server.url}/api/v1/runs/{run_id}", timeout=TIMEOUT_S).json()["status"] == "finished"
+
+
+def test_a_replica_killed_mid_pass_loses_and_duplicates_nothing(
+    replicas: tuple[ServerProcess, ServerProcess], migrated_url: str
+) -> None:
+    """Replica A's pass is inside its transaction (waiting for the run's lock, held here) when A is SIGKILLed: the
+    transaction dies with it, and B's next pass examines every point, once."""
+    a, b = replicas
+    run_id = create_run(a.url, detector=DETECTOR, mode="observe")
+    losses = [1.0 / (epoch + 1) for epoch in range(40)]  # a curve the detector decides on
+    waiting_sql = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND NOT granted"
+    )
+    with (
+        psycopg.connect(libpq(migrated_url), autocommit=True) as holder,
+        psycopg.connect(libpq(migrated_url), autocommit=True) as probe,
+    ):
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (PASS_LOCK, run_id))
+        ingest(a.url, run_id, [
+            {"key": key, "step": 10 * (e + 1), "value": v if key != "lr" else 0.1, "epoch": float(e + 1)}
+            for e, v in enumerate(losses[:20])
+            for key in ("lr", "epoch/train_loss")
+        ])  # fmt: skip
+        deadline = time.monotonic() + TIMEOUT_S
+        while probe.execute(waiting_sql, (PASS_LOCK, run_id)).fetchone() != (1,):
+            assert time.monotonic() < deadline, "A's pass never started"
+            time.sleep(0.05)  # polling PostgreSQL's view of the locks
+        a.kill()  # mid-pass: its transaction is open, waiting for the lock
+        holder.execute("SELECT pg_advisory_unlock(%s, %s)", (PASS_LOCK, run_id))
+    ingest(b.url, run_id, [
+        {"key": key, "step": 10 * (e + 1), "value": v if key != "lr" else 0.1, "epoch": float(e + 1)}
+        for e, v in enumerate(losses[20:], start=20)
+        for key in ("lr", "epoch/train_loss")
+    ])  # fmt: skip
+    progress = httpx.get(f"{b.url}/api/v1/runs/{run_id}/detection", params={"wait": 30}, timeout=TIMEOUT_S).json()
+    assert progress["through_step"] == 400, progress  # every point examined
+    stages = httpx.get(f"{b.url}/api/v1/runs/{run_id}/stages", timeout=TIMEOUT_S).json()
+    assert [s["index"] for s in stages] == list(range(len(stages)))  # each stage once
+    counted = sum(s["summary"].get("count", 0) for s in stages)
+    assert counted == len(losses), stages  # each point counted once in the stage summaries
