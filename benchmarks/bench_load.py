@@ -62,29 +62,26 @@ DRAIN_GRACE_S = 120.0  # after the last scheduled batch, how long stragglers may
 HOST = "127.0.0.1"
 
 
-def bounded(limit: int) -> Any:
-    def parse(text: str) -> int:
-        value = harness.positive_int(text)
-        if value > limit:
-            raise argparse.ArgumentTypeError(f"{text}: at most {limit:,}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_load", description=__doc__.split("\n")[0])
     harness.add_common_arguments(parser)
-    parser.add_argument("--workers", type=bounded(MAX_WORKERS), default=100, help="simulated workers (default 100)")
     parser.add_argument(
-        "--points", type=bounded(MAX_POINTS), default=100, help="points per batch, one batch per second (default 100)"
+        "--workers", type=harness.bounded_int(MAX_WORKERS), default=100, help="simulated workers (default 100)"
     )
-    parser.add_argument("--seconds", type=bounded(MAX_SECONDS), default=60, help="batches per worker (default 60)")
+    parser.add_argument(
+        "--points",
+        type=harness.bounded_int(MAX_POINTS),
+        default=100,
+        help="points per batch, one batch per second (default 100)",
+    )
+    parser.add_argument(
+        "--seconds", type=harness.bounded_int(MAX_SECONDS), default=60, help="batches per worker (default 60)"
+    )
     parser.add_argument(
         "--keys", type=int, choices=range(1, len(KEYS) + 1), default=len(KEYS), help="metric keys per step (4)"
     )
     parser.add_argument(
-        "--floor-requests", type=bounded(10_000), default=600, help="one-point requests to each side (600)"
+        "--floor-requests", type=harness.bounded_int(10_000), default=600, help="one-point requests to each side (600)"
     )
     parser.add_argument("--skip-floor", action="store_true", help="only the load")
     parser.add_argument("--out", default="default", help="results go to benchmarks/results/load-NAME.json")

@@ -58,22 +58,16 @@ REQUEST_TIMEOUT_S = 60.0
 RETRY_PAUSE_S = 0.05  # between attempts of one batch (the real client backs off exponentially from 0.5 s)
 
 
-def bounded(limit: int) -> Any:
-    def parse(text: str) -> int:
-        value = harness.positive_int(text)
-        if value > limit:
-            raise argparse.ArgumentTypeError(f"{text}: at most {limit:,}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_replicas", description=__doc__.split("\n")[0])
-    parser.add_argument("--replicas", type=bounded(8), default=3, help="replicas behind the balancer (default 3)")
-    parser.add_argument("--workers", type=bounded(500), default=200, help="simulated workers (default 200)")
-    parser.add_argument("--points", type=bounded(10_000), default=100, help="points per batch (default 100)")
-    parser.add_argument("--seconds", type=bounded(600), default=60, help="batches per worker (default 60)")
+    parser.add_argument(
+        "--replicas", type=harness.bounded_int(8), default=3, help="replicas behind the balancer (default 3)"
+    )
+    parser.add_argument("--workers", type=harness.bounded_int(500), default=200, help="simulated workers (default 200)")
+    parser.add_argument(
+        "--points", type=harness.bounded_int(10_000), default=100, help="points per batch (default 100)"
+    )
+    parser.add_argument("--seconds", type=harness.bounded_int(600), default=60, help="batches per worker (default 60)")
     parser.add_argument("--kill-at", type=float, default=20.0, help="SIGKILL replica 1 at this second (default 20)")
     parser.add_argument("--no-single", action="store_true", help="skip the one-replica comparison")
     parser.add_argument("--postgres-url", default=harness.POSTGRES_ADMIN)

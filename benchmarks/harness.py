@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +59,18 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
     return value
+
+
+def bounded_int(limit: int) -> Callable[[str], int]:
+    """An argparse type: a positive int of at most ``limit`` (load benchmarks keep their sizes bounded)."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{text}: at most {limit:,}")
+        return value
+
+    return parse
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,31 @@ def create_run(base: str, **fields: Any) -> int:
 def ingest(base: str, run_id: int, points: list[dict[str, Any]]) -> None:
     response = httpx.post(f"{base}/api/v1/runs/{run_id}/metrics", json={"points": points}, timeout=TIMEOUT_S)
     assert response.status_code == 200, response.text
+
+
+@contextlib.contextmanager
+def pass_lock_held(url: str, run_id: int) -> Iterator[Callable[[int], None]]:
+    """Holds the run's detection-pass lock (as a pass of another replica would); yields ``wait_blocked(n)``, which
+    returns once ``n`` passes wait for it (PostgreSQL's own view, ``pg_locks``). Released on exit."""
+    waiting_sql = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND NOT granted"
+    )
+    with (
+        psycopg.connect(libpq(url), autocommit=True) as holder,
+        psycopg.connect(libpq(url), autocommit=True) as probe,
+    ):
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (PASS_LOCK, run_id))
+
+        def wait_blocked(count: int) -> None:
+            deadline = time.monotonic() + TIMEOUT_S
+            while (waiting := probe.execute(waiting_sql, (PASS_LOCK, run_id)).fetchone()) != (count,):
+                assert time.monotonic() < deadline, f"{waiting} passes wait for the run's lock, not {count}"
+                time.sleep(0.05)  # polling PostgreSQL's view of the locks; the condition decides, not the time
+
+        try:
+            yield wait_blocked
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s, %s)", (PASS_LOCK, run_id))
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
@@ -127,24 +152,12 @@ def test_passes_of_one_run_take_turns_across_replicas(
     starts for that run waits for it; released, both catch up."""
     a, b = replicas
     run_id = create_run(a.url, detector=DETECTOR, mode="observe")
-    waiting_sql = (
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND NOT granted"
-    )
-    with (
-        psycopg.connect(libpq(migrated_url), autocommit=True) as holder,
-        psycopg.connect(libpq(migrated_url), autocommit=True) as probe,
-    ):
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", (PASS_LOCK, run_id))
+    with pass_lock_held(migrated_url, run_id) as wait_blocked:
         ingest(a.url, run_id, [{"key": "epoch/train_loss", "step": 10, "value": 1.0, "epoch": 1.0}])
         ingest(b.url, run_id, [{"key": "epoch/train_loss", "step": 20, "value": 0.9, "epoch": 2.0}])
-        # Both replicas' passes are blocked on the lock: waited for as a condition on PostgreSQL's own view.
-        deadline = time.monotonic() + TIMEOUT_S
-        while (waiting := probe.execute(waiting_sql, (PASS_LOCK, run_id)).fetchone()) != (2,):
-            assert time.monotonic() < deadline, f"{waiting} passes waiting: a pass ran without the run's lock"
-            time.sleep(0.05)  # polling PostgreSQL's view of the locks; the condition decides, not the time
+        wait_blocked(2)  # a pass that ignored the lock would have run instead
         progress = httpx.get(f"{a.url}/api/v1/runs/{run_id}/detection", timeout=TIMEOUT_S).json()
         assert progress["through_step"] is None, progress  # nothing examined while the lock is held
-        holder.execute("SELECT pg_advisory_unlock(%s, %s)", (PASS_LOCK, run_id))
     for server in (a, b):
         caught_up = httpx.get(
             f"{server.url}/api/v1/runs/{run_id}/detection", params={"wait": 30}, timeout=TIMEOUT_S
@@ -235,25 +248,14 @@ def test_a_replica_killed_mid_pass_loses_and_duplicates_nothing(
     a, b = replicas
     run_id = create_run(a.url, detector=DETECTOR, mode="observe")
     losses = [1.0 / (epoch + 1) for epoch in range(40)]  # a curve the detector decides on
-    waiting_sql = (
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND NOT granted"
-    )
-    with (
-        psycopg.connect(libpq(migrated_url), autocommit=True) as holder,
-        psycopg.connect(libpq(migrated_url), autocommit=True) as probe,
-    ):
-        holder.execute("SELECT pg_advisory_lock(%s, %s)", (PASS_LOCK, run_id))
+    with pass_lock_held(migrated_url, run_id) as wait_blocked:
         ingest(a.url, run_id, [
             {"key": key, "step": 10 * (e + 1), "value": v if key != "lr" else 0.1, "epoch": float(e + 1)}
             for e, v in enumerate(losses[:20])
             for key in ("lr", "epoch/train_loss")
         ])  # fmt: skip
-        deadline = time.monotonic() + TIMEOUT_S
-        while probe.execute(waiting_sql, (PASS_LOCK, run_id)).fetchone() != (1,):
-            assert time.monotonic() < deadline, "A's pass never started"
-            time.sleep(0.05)  # polling PostgreSQL's view of the locks
-        a.kill()  # mid-pass: its transaction is open, waiting for the lock
-        holder.execute("SELECT pg_advisory_unlock(%s, %s)", (PASS_LOCK, run_id))
+        wait_blocked(1)  # A's pass is inside its transaction
+        a.kill()
     ingest(b.url, run_id, [
         {"key": key, "step": 10 * (e + 1), "value": v if key != "lr" else 0.1, "epoch": float(e + 1)}
         for e, v in enumerate(losses[20:], start=20)
