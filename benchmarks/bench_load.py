@@ -175,25 +175,7 @@ def floor_server() -> Iterator[tuple[Server, Path]]:
 def authed_server(db_url: str) -> Iterator[Server]:
     """``harness.running_server`` with authentication on: a worker token made with the CLI, as an admin would."""
     harness.migrate(db_url)
-    made = subprocess.run(
-        [
-            str(harness.stagewatch_script()),
-            "token",
-            "create",
-            "--role",
-            "worker",
-            "--name",
-            "bench-load",
-            "--db",
-            db_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=harness.MIGRATE_TIMEOUT_S,
-        env=harness.server_env(None),
-        check=True,
-    )
-    token = made.stdout.strip()
+    token = harness.create_token(db_url, "worker", "bench-load")
     port = harness.free_port()
     base_url = f"http://{HOST}:{port}"
     command = [str(harness.stagewatch_script()), "serve", "--db", db_url, "--host", HOST, "--port", str(port)]

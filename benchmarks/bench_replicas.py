@@ -108,28 +108,6 @@ class Replica:
             harness.stop_server(self.process)
 
 
-def cli_token(db_url: str, role: str) -> str:
-    made = subprocess.run(
-        [
-            str(harness.stagewatch_script()),
-            "token",
-            "create",
-            "--role",
-            role,
-            "--name",
-            f"bench-{role}",
-            "--db",
-            db_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=harness.MIGRATE_TIMEOUT_S,
-        env=harness.server_env(None),
-        check=True,
-    )
-    return made.stdout.strip()
-
-
 def balancer_config(replicas: int, directory: Path) -> Path:
     """The shipped configuration, with a ``server`` line for each replica past the two it names."""
     text = HAPROXY_CONFIG.read_text()
@@ -395,7 +373,7 @@ def count_stored(url: str, token: str, run_ids: Sequence[int]) -> tuple[int, int
 def bench_topology(count: int, args: argparse.Namespace) -> dict[str, Any]:
     with harness.postgres_database(args.postgres_url) as db_url, tempfile.TemporaryDirectory() as tmp:
         harness.migrate(db_url)
-        tokens = {role: cli_token(db_url, role) for role in ("worker", "operator")}
+        tokens = {role: harness.create_token(db_url, role, f"bench-{role}") for role in ("worker", "operator")}
         with topology(db_url, count, Path(tmp)) as (url, replicas):
             run_ids = []
             with harness.http_client(url) as client:

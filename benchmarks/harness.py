@@ -136,6 +136,19 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def create_token(db_url: str, role: str, name: str) -> str:
+    """A token made with ``stagewatch token create``, as an admin would (benchmarks that run with auth on)."""
+    made = subprocess.run(
+        [str(stagewatch_script()), "token", "create", "--role", role, "--name", name, "--db", db_url],
+        capture_output=True,
+        text=True,
+        timeout=MIGRATE_TIMEOUT_S,
+        env=server_env(None),
+        check=True,
+    )
+    return made.stdout.strip()
+
+
 def stop_server(process: subprocess.Popen[bytes]) -> None:
     """Stops a server process started by a benchmark, if it still runs: ``terminate`` (a graceful shutdown), then
     ``kill`` if it has not exited within ``SERVER_STOP_TIMEOUT_S``; returns once it has exited."""
