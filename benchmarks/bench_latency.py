@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import httpx
 
-from benchmarks import harness
+from benchmarks import bench_replicas, harness
 from server.detectors import Detector, make_detector
 from trainer import Run, start_run
 
@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the server with timestamps on its hot path (ingest, live-detection pass, transactions, "
         "wakeups, command fetch, feed reads) and break each latency into the server's phases",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=harness.bounded_int(8),
+        default=1,
+        help="PostgreSQL only: this many servers on the database behind the shipped HAProxy configuration "
+        "(least connections: a worker's long-poll holds one replica, so its batches go to another)",
     )
     # The traced server (a child process).
     parser.add_argument("--serve-traced", action="store_true", help=argparse.SUPPRESS)
@@ -1047,7 +1054,12 @@ def bench_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
     trace: dict[str, Any] | None = None
     with contextlib.ExitStack() as stack:
         db_url = stack.enter_context(harness.database(engine, args.postgres_url))
-        url = stack.enter_context(traced_server(db_url) if args.trace else harness.running_server(db_url))
+        if args.replicas > 1:
+            harness.migrate(db_url)
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stagewatch-latency-")))
+            url, _ = stack.enter_context(bench_replicas.topology(db_url, args.replicas, directory, auth=False))
+        else:
+            url = stack.enter_context(traced_server(db_url) if args.trace else harness.running_server(db_url))
         print(f"[latency] {engine}: decisions ...", flush=True)
         meter = LoadMeter()
         decisions = bench_decisions(url, args)
@@ -1144,6 +1156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve_traced:
         return serve_traced(args)
+    if args.replicas > 1 and (args.engines != ["postgres"] or args.trace):
+        raise SystemExit("--replicas needs --engines postgres (SQLite is one process's file) and no --trace")
     harness.snapshot_code()
     results = []
     for engine in args.engines:
@@ -1152,7 +1166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets, ok = report(results)
     options = {**vars(args), **{name: _option(args, name) for name in ("runs", "decisions", "events")}}
     options["detector"] = DETECTOR
-    harness.write_json(NAME, {"options": options, "results": results, "targets": targets})
+    name = NAME if args.replicas == 1 else f"{NAME}-replicas{args.replicas}"
+    harness.write_json(name, {"options": options, "results": results, "targets": targets})
     return 0 if ok else 1
 
 

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 class Replica:
     db_url: str
     log_path: Path
+    auth: bool = True
     port: int = field(default_factory=harness.free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -91,11 +92,10 @@ class Replica:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> None:
-        command = [str(harness.stagewatch_script()), "serve", "--db", self.db_url, "--host", HOST, "--port"]
+        command = [str(harness.stagewatch_script()), "serve", "--db", self.db_url, "--host", HOST]
+        command += ["--port", str(self.port), *([] if self.auth else ["--no-auth"])]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=harness.server_env(None)
-            )
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=harness.server_env(None))
         harness.wait_healthy(self.process, self.url, self.log_path)
 
     def kill(self) -> None:
@@ -118,9 +118,10 @@ def balancer_config(replicas: int, directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def topology(db_url: str, count: int, directory: Path) -> Iterator[tuple[str, list[Replica]]]:
-    """``count`` replicas behind HAProxy; yields the balancer's URL and the replicas."""
-    replicas = [Replica(db_url, directory / f"replica-{i}.log") for i in range(1, count + 1)]
+def topology(db_url: str, count: int, directory: Path, *, auth: bool = True) -> Iterator[tuple[str, list[Replica]]]:
+    """``count`` replicas behind HAProxy (the database already migrated); yields the balancer's URL and the
+    replicas."""
+    replicas = [Replica(db_url, directory / f"replica-{i}.log", auth) for i in range(1, count + 1)]
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     port = harness.free_port()
     env = {**os.environ, "STAGEWATCH_BIND": f"{HOST}:{port}"}
