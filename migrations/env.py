@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 from server.db import make_engine
 from server.models import Base
@@ -29,6 +30,9 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                _foreign_keys(connection, on=False)
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
@@ -38,8 +42,28 @@ def run_migrations_online() -> None:
             )
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite:
+                    _refuse_dangling_references(connection)
     finally:
         engine.dispose()
+
+
+def _foreign_keys(connection: Connection, *, on: bool) -> None:
+    """SQLite: batch mode rebuilds a table by copy, drop and rename; with foreign keys on, dropping ``runs``
+    would delete every child row through ``ON DELETE CASCADE``. The pragma is ignored inside a transaction,
+    so it goes to the driver's connection before Alembic begins one (the engine is disposed afterwards, so the
+    setting never reaches a pooled connection the server uses)."""
+    dbapi = connection.connection.driver_connection
+    assert dbapi is not None
+    dbapi.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+
+
+def _refuse_dangling_references(connection: Connection) -> None:
+    """With the checks off, nothing stopped a migration from leaving a reference to a missing row; refuse
+    (and so roll back) one that did."""
+    dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if dangling:
+        raise RuntimeError(f"the migration left rows that reference missing rows: {dangling[:5]}")
 
 
 if context.is_offline_mode():
