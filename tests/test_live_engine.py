@@ -4,16 +4,23 @@ a pass after it. The passes themselves are recorded, not run: what they do is te
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db import make_engine, make_session_factory
+from server.db import make_engine, make_session_factory, transaction
 from server.live.engine import LiveDetection
+from server.models import Decision, utcnow
+from server.schemas import RunCreate
+from server.store import decisions
+from server.store.runs import create_run
 
 
 class RecordedPasses(LiveDetection):
@@ -112,3 +119,45 @@ def test_with_two_threads_a_held_run_neither_blocks_others_nor_runs_twice(sessio
     finally:
         live.release.set()
         live.stop()
+
+
+def test_a_failing_auto_approval_is_retried_with_growing_pauses_and_logged_once(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proposal whose approval raises (here: a corrupt history) was retried, traceback and all, at every
+    sweep -- twice a second for as long as the fault lasted. The sweeps are called directly, on a clock the test
+    steps, so nothing depends on the machine's speed."""
+    with transaction(sessions, write=True) as session:
+        run = create_run(session, RunCreate(name="poisoned", mode="approve", auto_approve_after_s=1), actor="test")
+        proposal = decisions.create(
+            session, run, action="decay", factor=0.1, lr=None, step=10, source="operator", actor="test",
+            evidence={}, status="proposed",
+        )  # fmt: skip
+        long_ago = utcnow() - dt.timedelta(hours=1)  # due for auto-approval at once
+        session.execute(update(Decision).where(Decision.id == proposal.id).values(history=5, created_at=long_ago))
+    now = [100.0]
+    live = LiveDetection(sessions, sweep_s=0.5, clock=lambda: now[0])
+
+    def sweep_at(t: float) -> list[logging.LogRecord]:
+        now[0] = t
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stagewatch.live"):
+            live._sweep()
+        return [r for r in caplog.records if r.name == "stagewatch.live"]
+
+    first = sweep_at(100.0)
+    assert [(r.levelno, r.exc_info is not None) for r in first] == [(logging.ERROR, True)]
+    assert "trying again in 1 s" in first[0].getMessage()
+    assert sweep_at(100.5) == []  # within the pause: not tried
+    second = sweep_at(101.0)
+    assert [(r.levelno, r.exc_info) for r in second] == [(logging.WARNING, None)]
+    assert "trying again in 2 s" in second[0].getMessage()
+    assert sweep_at(102.9) == []
+    with transaction(sessions, write=True) as session:  # the fault is repaired
+        session.execute(update(Decision).where(Decision.id == proposal.id).values(history=[]))
+    assert sweep_at(103.0) == []
+    with transaction(sessions) as session:
+        repaired = session.get(Decision, proposal.id)
+        assert repaired is not None and repaired.status == "approved"
+        assert repaired.history[-1]["actor"] == "auto-approve"
+    assert live._approval_retry == {}

@@ -13,8 +13,10 @@ point that arrived meanwhile, instead of one write transaction per batch competi
 (with a client sending one point per request, a pass each cost ~40 % of the request's time). A run that was
 quiet for that long still gets its pass at once, so a worker's usual batch a second waits for nothing.
 
-Every ``sweep_s`` the first thread also approves proposals whose run's ``auto_approve_after_s`` has passed. At start it
-queues every run with a detector, so a restarted server catches up on points it has not processed.
+Every ``sweep_s`` the first thread also approves proposals whose run's ``auto_approve_after_s`` has passed. A run
+whose approval fails is tried again after a growing pause (``sweep_s`` doubling up to ``APPROVAL_RETRY_MAX_S``) and
+its traceback logged once, not twice a second for as long as the fault lasts. At start the threads queue every run
+with a detector, so a restarted server catches up on points it has not processed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from server.store import changes, decisions
 
 logger = logging.getLogger("stagewatch.live")
 
+APPROVAL_RETRY_MAX_S = 60.0
+
 
 class LiveDetection:
     def __init__(
@@ -45,6 +49,7 @@ class LiveDetection:
         sweep_s: float = 0.5,
         min_interval_s: float = 0.01,
         threads: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -57,6 +62,8 @@ class LiveDetection:
         self._cond = threading.Condition()
         self._busy = 0  # threads at work
         self._stop = False
+        self._clock = clock  # only for the approval retries' pauses (tests step it)
+        self._approval_retry: dict[int, tuple[float, float]] = {}  # run -> (not before, pause), after a failure
         # Thread 0 also runs the auto-approval sweep.
         self._threads = [
             threading.Thread(target=self._main, args=(i == 0,), name=f"stagewatch-live-{i}", daemon=True)
@@ -159,8 +166,24 @@ class LiveDetection:
     def _sweep(self) -> None:
         with transaction(self._sessions) as session:  # read-only first: most sweeps find nothing
             due = {run.id for _, run in decisions.due_for_auto_approval(session, utcnow())}
+        now = self._clock()
+        for run_id in [r for r in self._approval_retry if r not in due]:
+            del self._approval_retry[run_id]  # decided or gone meanwhile: the map holds only failing runs
         for run_id in sorted(due):
-            self._isolated(self._approve_due, run_id)
+            not_before, pause = self._approval_retry.get(run_id, (0.0, 0.0))
+            if now < not_before:
+                continue
+            try:
+                self._approve_due(run_id)
+            except Exception:
+                pause = min(max(2 * pause, 2 * self._sweep_s), APPROVAL_RETRY_MAX_S)
+                self._approval_retry[run_id] = (now + pause, pause)
+                if pause == min(2 * self._sweep_s, APPROVAL_RETRY_MAX_S):
+                    logger.exception("auto-approval failed on run %s; trying again in %g s", run_id, pause)
+                else:
+                    logger.warning("auto-approval failed again on run %s; trying again in %g s", run_id, pause)
+            else:
+                self._approval_retry.pop(run_id, None)
 
     @staticmethod
     def _isolated(work: Callable[[int], None], run_id: int) -> None:
