@@ -19,7 +19,7 @@ from server.errors import InternalErrors, install_error_handlers
 from server.limits import BodySizeLimit
 from server.live.engine import LiveDetection
 from server.migrate import check_schema
-from server.routes import commands, decisions, health, history, metrics, runs, stream, whoami
+from server.routes import checkpoints, commands, decisions, health, history, metrics, runs, stream, whoami
 from server.settings import Settings
 from server.state import AppState
 from server.store import changes
@@ -91,7 +91,7 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrors)  # outside the size limit, whose own exception answers 413
     install_error_handlers(app)
-    routers = (health, runs, metrics, history, decisions, commands, stream, whoami)
+    routers = (health, runs, metrics, history, decisions, commands, checkpoints, stream, whoami)
     for router in (module.router for module in routers):
         app.include_router(router)
     # Before the /ui mount, which would answer this path first: plotly.js of the installed package, no CDN.

@@ -202,6 +202,43 @@ class Decision(Base):
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, server_default="[]")
     overridden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
+    # A rollback command carries what the worker needs in its evidence (no column of its own: it is rare).
+    @property
+    def checkpoint(self) -> dict[str, Any] | None:
+        """A rollback: the checkpoint to load (``id``, ``step``, ``uri``, ``stage``)."""
+        found = (self.evidence or {}).get("checkpoint") if self.action == "rollback" else None
+        return found if isinstance(found, dict) else None
+
+    @property
+    def rewind_event_id(self) -> int | None:
+        """An applied rollback: the audit event of the rewind it made."""
+        found = (self.evidence or {}).get("rewind_event_id") if self.action == "rollback" else None
+        return found if isinstance(found, int) else None
+
+
+class Checkpoint(Base):
+    """A checkpoint the worker saved (the bytes stay in the user's storage; this is where and what it is).
+
+    The worker integrations save one at the end of every stage -- just before an applied decay, whose decision
+    it then names -- so that a person can pick an earlier-stage model (for transfer) or roll the run back to it.
+    (run, step, uri) is unique: a retried report never makes a second row.
+    """
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "step", "uri"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    uri: Mapped[str] = mapped_column(String(2000))
+    stage: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the stage index it ends (or is in)
+    # The decision it was saved before (the decay that ended its stage), if any.
+    decision_id: Mapped[int | None] = mapped_column(ForeignKey("decisions.id", ondelete="SET NULL"), nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    lr: Mapped[float | None] = mapped_column(Double, nullable=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
 
 class DetectorState(Base):
     """Where live detection of a run stands: the detector's serialised state and the last points it consumed.

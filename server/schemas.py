@@ -353,7 +353,16 @@ class StagePublic(BaseModel):
 
 
 DecisionStatus = Literal[
-    "proposed", "approved", "rejected", "expired", "superseded", "observed", "delivered", "applied", "failed"
+    "proposed",
+    "approved",
+    "rejected",
+    "expired",
+    "superseded",
+    "observed",
+    "delivered",
+    "applied",
+    "failed",
+    "rolled_back",
 ]
 
 
@@ -449,6 +458,8 @@ class HoldPublic(BaseModel):
 # --- commands ---------------------------------------------------------------------------------------------
 
 CommandAction = Literal["decay", "set_lr", "stop"]
+# What the worker may be sent: the operator's commands, and a rollback (POST /runs/{id}/rollback).
+CommandKind = Literal["decay", "set_lr", "stop", "rollback"]
 CommandStatus = Literal["approved", "delivered", "applied", "failed"]
 
 
@@ -474,9 +485,18 @@ class CommandCreate(Strict):
         return self
 
 
+class CheckpointRef(BaseModel):
+    """The checkpoint a rollback command loads: the worker reads it from ``uri`` and continues from ``step``."""
+
+    id: int
+    step: int
+    uri: str
+    stage: int | None = None
+
+
 class CommandPublic(BaseModel):
     id: int
-    action: CommandAction
+    action: CommandKind
     factor: float | None
     lr: float | None
     status: str
@@ -488,6 +508,10 @@ class CommandPublic(BaseModel):
     applied_step: int | None
     applied_lr: float | None
     ack_message: str | None
+    checkpoint: CheckpointRef | None = Field(default=None, description="rollback: the checkpoint to load.")
+    rewind_event_id: int | None = Field(
+        default=None, description="An applied rollback: the audit event that holds the points it rewound."
+    )
 
 
 class CommandList(BaseModel):
@@ -501,6 +525,56 @@ class CommandAck(Strict):
         default=None, ge=0, le=MAX_LR, allow_inf_nan=False, strict=True, description="The LR now in effect."
     )
     message: Reason = ""
+    checkpoint: CheckpointCreate | None = Field(
+        default=None,
+        description="A checkpoint the worker saved just before applying it (the end of the stage a decay ends): "
+        "recorded as if posted to `POST /runs/{id}/checkpoints`, naming this command as its decision.",
+    )
+
+
+# --- checkpoints and rollback -----------------------------------------------------------------------------
+
+CheckpointMetrics = Annotated[dict[MetricKey, MetricValue], Field(max_length=100)]
+
+
+class CheckpointCreate(Strict):
+    """A checkpoint the worker saved: where it is (a path or URI in the user's storage) and what it was like."""
+
+    step: Step = Field(description="The step the checkpoint holds the state after.")
+    uri: str = Field(min_length=1, max_length=2000, pattern=r"^[^\x00-\x1f\x7f]+$", description="Path or URI.")
+    stage: int | None = Field(default=None, ge=0, le=MAX_ID, strict=True, description="The stage index it ends.")
+    decision_id: int | None = Field(
+        default=None, ge=1, le=MAX_ID, strict=True, description="The decision it was saved just before."
+    )
+    lr: float | None = Field(default=None, ge=0, le=MAX_LR, allow_inf_nan=False, strict=True)
+    metrics: CheckpointMetrics = Field(default_factory=dict, description="Latest metric values, free keys.")
+
+
+class CheckpointPublic(BaseModel):
+    id: int
+    run_id: int
+    step: int
+    uri: str
+    stage: int | None
+    decision_id: int | None
+    lr: float | None
+    metrics: dict[str, EncodedValue]
+    actor: str
+    created_at: dt.datetime
+
+
+class CheckpointList(BaseModel):
+    data: list[CheckpointPublic]
+
+
+class RollbackRequest(Strict):
+    checkpoint_id: int = Field(ge=1, le=MAX_ID, strict=True, description="The run's checkpoint to roll back to.")
+    backoff: Span | None = Field(
+        default=None,
+        description="Hold the detector for this many epochs or steps after the checkpoint (default: the run's "
+        "`reject_backoff`), so that it does not propose the same decay again at once.",
+    )
+    reason: Reason = ""
 
 
 # --- audit log, tokens, health ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from server.errors import Conflict, NotFound
 from server.models import Decision, Run, utcnow
 from server.schemas import CommandAck, CommandCreate
-from server.store import decisions
+from server.store import checkpoints, decisions
 from server.store.points import driver_execute
 
 PENDING = ("approved", "delivered")
@@ -86,5 +86,14 @@ def acknowledge(session: Session, run_id: int, command_id: int, ack: CommandAck,
         raise Conflict(f"command {command_id} is {command.status}, not waiting for the worker")
     command.applied_step, command.applied_lr, command.ack_message = ack.step, ack.lr, ack.message
     command.acked_at = utcnow()
+    run = session.get(Run, run_id)
+    assert run is not None  # the route locked it
+    if ack.checkpoint is not None:  # saved just before it was applied: the end of the stage it ends
+        data = ack.checkpoint
+        if data.decision_id is None:
+            data = data.model_copy(update={"decision_id": command.id})
+        checkpoints.add_checkpoint(session, run, data, actor=actor)
     decisions.transition(session, command, ack.status, actor=actor, note=ack.message, step=ack.step, lr=ack.lr)
+    if command.action == "rollback" and ack.status == "applied":
+        checkpoints.finish_rollback(session, run, command, actor=actor)
     return command

@@ -69,10 +69,15 @@ def decision(session: Session, decision_id: int) -> Decision | None:
 
 
 def forget(session: Session, run_id: int) -> None:
-    """After a rewind: stages and detector state are rebuilt from the points that remain."""
+    """After a rewind: stages and detector state are rebuilt from the points that remain. The detector's
+    configuration is cleared, so the next pass rebuilds it from the first point *silently*, every past decision
+    taken as not applied (as for a new configuration): a fresh state would decide again on points it decided on
+    before -- the decay a rollback just undid, say. Holds stay: a rollback sets one in the same transaction."""
     row = session.get(DetectorState, run_id, with_for_update=True)
     if row is not None:
-        session.delete(row)
+        row.config, row.state = {}, {}
+        row.last_step = row.lr = row.lr_step = None
+        row.updated_at = utcnow()
     for stage in session.scalars(select(Stage).where(Stage.run_id == run_id)):
         session.delete(stage)
     session.flush()
