@@ -1,4 +1,5 @@
-"""Commands from the server to a training job (``decay``, ``set_lr``, ``stop``), and their acknowledgements.
+"""Commands from the server to a training job (``decay``, ``set_lr``, ``stop``, ``rollback``), and their
+acknowledgements.
 
 The server queues a command for a run (an operator, or an approved AutoDecay decision). The run's background
 threads receive it -- in the response to a metrics batch it sends anyway, or by a bounded long-poll of
@@ -22,11 +23,19 @@ __all__ = ["ACTIONS", "Ack", "Command", "CommandInbox"]
 
 logger = logging.getLogger("trainer")
 
-ACTIONS = ("decay", "set_lr", "stop")
+ACTIONS = ("decay", "set_lr", "stop", "rollback")
 
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _checkpoint(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"checkpoint must be an object, got {value!r}")
+    return {"id": int(value["id"]), "step": int(value["step"]), "uri": str(value["uri"]), "stage": value.get("stage")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Command:
     created_at: str = ""
     applied_step: int | None = None
     applied_lr: float | None = None
+    checkpoint: dict[str, Any] | None = None  # rollback: {"id", "step", "uri", "stage"} of the checkpoint to load
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Command:
@@ -56,6 +66,7 @@ class Command:
             created_at=str(body.get("created_at") or ""),
             applied_step=None if step is None else int(step),
             applied_lr=_opt_float(body.get("applied_lr")),
+            checkpoint=_checkpoint(body.get("checkpoint")),
         )
 
 
@@ -68,9 +79,14 @@ class Ack:
     step: int
     lr: float | None
     message: str = ""
+    # A checkpoint saved just before it was applied (``POST /runs/{id}/checkpoints`` fields): reported with it.
+    checkpoint: Mapping[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
-        return {"status": self.status, "step": self.step, "lr": self.lr, "message": self.message}
+        body: dict[str, Any] = {"status": self.status, "step": self.step, "lr": self.lr, "message": self.message}
+        if self.checkpoint is not None:
+            body["checkpoint"] = dict(self.checkpoint)
+        return body
 
 
 class CommandInbox:
@@ -114,6 +130,8 @@ class CommandInbox:
         return added
 
     def pending(self) -> list[Command]:
+        if not self._pending:  # the training loop asks every step; no lock for the usual answer
+            return []
         with self._lock:
             return sorted(self._pending.values(), key=lambda c: c.id)
 

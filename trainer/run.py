@@ -67,7 +67,10 @@ def _checked_values(values: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             hint = " (call .item() on a tensor)" if hasattr(value, "item") else ""
             raise TypeError(f"metric {key!r}: expected a real number, got {type(value).__name__}{hint}")
-        out[key] = float(value)
+        try:
+            out[key] = float(value)
+        except OverflowError:
+            raise ValueError(f"metric {key!r}: {value!r} is too large for a float") from None
     return out
 
 
@@ -335,21 +338,36 @@ class Run:
             if isinstance(step, bool) or not isinstance(step, int):
                 raise TypeError(f"step must be an int, got {type(step).__name__}")
             raise ValueError(f"step must be >= 0, got {step}")
-        copied = dict(values)
-        for key, value in copied.items():
-            if type(value) not in _FAST_TYPES or type(key) is not str:
-                copied = _checked_values(copied)
+        # Everything is checked before anything is stored: a call that raises leaves no point behind. Plain
+        # floats pass at once; the rest (ints, numpy scalars) are converted by the slow path first.
+        for key, value in values.items():
+            if type(value) is not float or type(key) is not str:
+                values = _checked_values(values)
                 break
-        # A plain float or int in range passes at once; the slower checks only run for the rest (numpy scalars).
-        fast_epoch = epoch is None or (type(epoch) in _FAST_TYPES and 0 <= epoch < math.inf)
-        if not fast_epoch and (not isinstance(epoch, numbers.Real) or not epoch >= 0 or epoch == math.inf):
+        if epoch is None:
+            epoch_value = math.nan  # "no epoch" in trainer.columns
+        elif (type(epoch) in _FAST_TYPES and 0 <= epoch < math.inf) or (
+            isinstance(epoch, numbers.Real) and epoch >= 0 and epoch != math.inf
+        ):
+            epoch_value = float(epoch)
+        else:
             raise TypeError(f"epoch must be a finite number >= 0, got {epoch!r}")
-        queue = sender.queue
-        queue.append((copied, step, epoch, time.time()))
-        n = len(queue)
-        if n == sender.wake_at or urgent:
+        now = time.time()
+        # Appends to typed arrays only: nothing here outlives the call as an object the garbage collector counts.
+        with sender.columns_lock:
+            columns = sender.columns
+            keys = columns.keys
+            for key, value in values.items():
+                column = keys.get(key) or columns.column(key)
+                column.steps.append(step)
+                column.values.append(value)
+                column.epochs.append(epoch_value)
+                column.times.append(now)
+            columns.points += len(values)
+            columns.calls = calls = columns.calls + 1
+        if calls == sender.wake_at or urgent:
             sender.wake.set()
-        elif n > self.options.max_queue:
+        elif calls > self.options.max_queue:
             sender.overflow()
 
     def pending_commands(self) -> list[Command]:
@@ -364,10 +382,12 @@ class Run:
         step: int,
         lr: float | None,
         message: str = "",
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> None:
         """Queues the acknowledgement of a command (``status`` ``"applied"`` or ``"failed"``, at ``step``, with
         the LR now in effect) and drops it from :meth:`pending_commands`. No I/O: the sender thread posts it,
-        retrying through outages; :meth:`flush` waits for it too."""
+        retrying through outages; :meth:`flush` waits for it too. ``checkpoint``: one saved just before it was
+        applied (the fields of ``POST /runs/{id}/checkpoints``), recorded on the server with the acknowledgement."""
         sender = self._sender
         if self.state is not RunState.OPENED or sender is None:
             raise RunStateError(f"cannot acknowledge a command on a run that is {self.state.name.lower()}")
@@ -376,8 +396,25 @@ class Run:
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self._inbox.retire(command_id)
-        sender.acks.append(Ack(command_id, "applied" if status == "applied" else "failed", step, lr, message))
+        sender.acks.append(
+            Ack(command_id, "applied" if status == "applied" else "failed", step, lr, message, checkpoint=checkpoint)
+        )
         sender.wake.set()
+
+    def ack_rollback(self, command_id: int, *, step: int, lr: float | None, message: str = "", timeout: float) -> bool:
+        """Acknowledges a rollback this job applied: it loaded the checkpoint at ``step`` and logs the steps after
+        it again. Call it after :meth:`flush` returned True and before logging anything more: the run is rewound
+        to ``step`` (the points after it move to the audit log), then the acknowledgement goes out, and only
+        then what the job logs next. Waits up to ``timeout`` seconds for both (the training loop is at a step
+        boundary); returns whether they got through -- if not, they keep that order when the server answers."""
+        sender = self._sender
+        if self.state is not RunState.OPENED or sender is None:
+            raise RunStateError(f"cannot acknowledge a command on a run that is {self.state.name.lower()}")
+        spool = sender.spool
+        spool.meta.pending_rewind = step  # before the acknowledgement, and kept on disk: a resumed job makes it
+        spool.save_meta()
+        self.ack_command(command_id, status="applied", step=step, lr=lr, message=message)
+        return sender.flush(timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until the server has stored every point logged so far (and every acknowledgement).

@@ -1,8 +1,9 @@
 """The sender: one thread per run that delivers everything the training loop hands over, exactly once.
 
-``Run.log`` appends a tuple to :attr:`Sender.queue` (no I/O). Every ``batch_interval_s`` -- or at once when a
-third of a batch is waiting, on ``urgent``, or while someone flushes -- the thread moves the queue into an
-in-memory buffer and delivers, in this order, each step only after the previous one went through:
+``Run.log`` appends to :attr:`Sender.columns` (typed arrays per key, see :mod:`trainer.columns`; no I/O and no
+object per call). Every ``batch_interval_s`` -- or at once when a third of a batch is waiting, on ``urgent``, or
+while someone flushes -- the thread swaps those columns out whole into an in-memory buffer and delivers, in this
+order, each step only after the previous one went through:
 
 1. the run itself: created (idempotently, by its ``client_key``) or marked ``running`` again;
 2. the spool's inherited data reconciled with the rewinds the server made since its writer last looked;
@@ -16,7 +17,7 @@ A batch leaves the buffer only once the server has stored it (or refused it for 
 ``rejected.jsonl``): any failure or exception puts it back in front, in order. A timeout whose request did
 reach the server is harmless, because the resend is an idempotent no-op there. When the buffer passes
 ``max_memory_points`` the oldest half goes to the spool; when the queue passes ``max_queue`` while this thread
-is stuck in a request, ``log()`` hands the queue to a spiller thread that writes it to the spool. Both threads
+is stuck in a request, ``log()`` hands the columns to a spiller thread that writes it to the spool. Both threads
 end in :meth:`Sender.stop`.
 """
 
@@ -27,49 +28,25 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
 
 import httpx
 
 from trainer.backoff import Backoff
 from trainer.client import Client, error_detail
+from trainer.columns import Columns
 from trainer.commands import Ack, CommandInbox
 from trainer.options import RunOptions
-from trainer.spool import Spool, encode_batch
+from trainer.spool import Spool
 
-__all__ = ["Entry", "Sender"]
+__all__ = ["Sender"]
 
 logger = logging.getLogger("trainer")
 
 REJECT_CODES = frozenset({400, 404, 409, 413, 422})
 
-# One log() call: (values, step, epoch, unix time). Converted to wire points by the sender thread.
-Entry = tuple[dict[str, float], int, float | None, float]
-
 
 class Refused(Exception):
     """The server refused something for a reason retrying cannot fix (auth aside)."""
-
-
-def _wire_value(value: float) -> float | str:
-    if math.isfinite(value):
-        return value
-    if math.isnan(value):
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
-
-
-def to_points(entries: Iterable[Entry]) -> list[dict[str, Any]]:
-    points: list[dict[str, Any]] = []
-    append = points.append
-    for values, step, epoch, t in entries:
-        for key, value in values.items():
-            point: dict[str, Any] = {"key": key, "step": step, "value": _wire_value(value), "time": t}
-            if epoch is not None:
-                point["epoch"] = epoch
-            append(point)
-    return points
 
 
 class Sender:
@@ -89,10 +66,13 @@ class Sender:
         self.spool = spool
         self._options = options
         self._inbox = inbox
-        self.queue: collections.deque[Entry] = collections.deque()  # appended by log(), drained here
+        # Appended by log() under columns_lock, swapped out whole by take_columns(): the lock is held for a few
+        # appends or one swap, never for I/O, so log() does not wait on this thread.
+        self.columns = Columns()
+        self.columns_lock = threading.Lock()
         self.acks: collections.deque[Ack] = collections.deque()  # appended by ack_command()
-        self.wake_at = max(1, options.batch_points // 3)
-        self._buffer: collections.deque[Entry] = collections.deque()  # drained, not yet stored
+        self.wake_at = max(1, options.batch_points // 3)  # log() calls waiting that wake this thread
+        self._buffer: collections.deque[Columns] = collections.deque()  # drained, not yet stored, oldest first
         self._buffer_points = 0
         self._sending = False
         self._flushing = 0
@@ -109,7 +89,7 @@ class Sender:
         self.piggyback_at = -math.inf  # when a metrics response last carried commands
         self.points_sent = 0
         self.points_rejected = 0
-        self._handoff: collections.deque[collections.deque[Entry]] = collections.deque()
+        self._handoff: collections.deque[Columns] = collections.deque()
         self._handoff_wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stagewatch-sender", daemon=True)
         self._spiller = threading.Thread(target=self._run_spiller, name="stagewatch-spiller", daemon=True)
@@ -129,14 +109,14 @@ class Sender:
         self._thread.join(timeout)
         self._spiller.join(timeout)
         with self._lock:
-            entries = list(self._buffer)
-            self._buffer.clear()
+            everything = Columns()
+            while self._buffer:
+                everything.extend(self._buffer.popleft())
             self._buffer_points = 0
             while self._handoff:
-                entries.extend(self._handoff.popleft())
-            entries.extend(self.queue)
-            self.queue.clear()
-            self._spill(entries)
+                everything.extend(self._handoff.popleft())
+            everything.extend(self.take_columns())
+            self._spill(everything)
         for orphan in self._orphans:
             orphan.release()
         self._orphans.clear()
@@ -148,7 +128,7 @@ class Sender:
     def all_delivered(self) -> bool:
         """Nothing of this run is waiting: no point, no acknowledgement, no rewind."""
         return (
-            not self.queue
+            not self.columns
             and not self.acks
             and not self._handoff
             and not self._buffer
@@ -184,23 +164,26 @@ class Sender:
         with self._progress:
             while self._sending and time.monotonic() < deadline:
                 self._progress.wait(0.05)
-            entries: list[Entry] = []
+            everything = Columns()
             while self._handoff:
-                entries.extend(self._handoff.popleft())
-            entries.extend(self._buffer)
-            self._buffer.clear()
+                everything.extend(self._handoff.popleft())
+            while self._buffer:
+                everything.extend(self._buffer.popleft())
             self._buffer_points = 0
-            while self.queue:
-                entries.append(self.queue.popleft())
-            self._spill(entries)
+            everything.extend(self.take_columns())
+            self._spill(everything)
             self.spool.sync()
 
+    def take_columns(self) -> Columns:
+        """Everything ``log()`` added since the last call, swapped out whole: each point goes one way."""
+        fresh = Columns()
+        with self.columns_lock:
+            taken, self.columns = self.columns, fresh
+        return taken
+
     def overflow(self) -> None:
-        """Called by ``log()`` when the queue passed ``max_queue``: swaps in a fresh queue and lets the spiller
-        write the full one (the sender may still drain part of it: popleft is atomic, so every entry goes
-        one way or the other)."""
-        full, self.queue = self.queue, collections.deque()
-        self._handoff.append(full)
+        """Called by ``log()`` when more than ``max_queue`` calls wait: the spiller writes them to the spool."""
+        self._handoff.append(self.take_columns())
         self._handoff_wake.set()
 
     # --- threads ----------------------------------------------------------------------------------------
@@ -213,11 +196,7 @@ class Sender:
                 with self._lock:
                     if not self._handoff:
                         break
-                    full = self._handoff.popleft()
-                    entries = []
-                    while full:
-                        entries.append(full.popleft())
-                    self._spill(entries)
+                    self._spill(self._handoff.popleft())
                     self._progress.notify_all()
 
     def _run(self) -> None:
@@ -395,20 +374,21 @@ class Sender:
             with self._lock:
                 self._drain()
                 eager = first or self._stop.is_set() or self._flushing > 0
-                batch = self._take_batch() if eager or self._buffer_points >= self._options.batch_points else []
+                take = eager or self._buffer_points >= self._options.batch_points
+                batch = self._take_batch() if take else Columns()
                 self._sending = bool(batch)
             first = False
             if not batch:
                 return True
             stored = False
             try:
-                stored = self._post(self.spool, encode_batch(to_points(batch)))
+                stored = self._post(self.spool, batch.encode())
             finally:  # whatever happened (an error, an exception), a batch not stored goes back in front
                 with self._lock:
                     self._sending = False
                     if not stored:
-                        self._buffer.extendleft(reversed(batch))
-                        self._buffer_points += sum(len(e[0]) for e in batch)
+                        self._buffer.appendleft(batch)
+                        self._buffer_points += batch.points
             if not stored:
                 return False
 
@@ -477,34 +457,41 @@ class Sender:
     # --- memory -----------------------------------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Queue -> buffer; past ``max_memory_points`` the oldest half goes to the spool (caller holds the lock)."""
-        queue, buffer = self.queue, self._buffer
-        while queue:
-            entry = queue.popleft()
-            buffer.append(entry)
-            self._buffer_points += len(entry[0])
+        """Columns -> buffer; past ``max_memory_points`` the oldest half goes to the spool (caller holds the lock)."""
+        taken = self.take_columns()
+        if taken:
+            buffer = self._buffer
+            if buffer:
+                buffer[-1].extend(taken)  # one chunk, however many drains an outage lasts
+            else:
+                buffer.append(taken)
+            self._buffer_points += taken.points
         if self._buffer_points > self._options.max_memory_points:
-            spilled = []
-            while self._buffer_points > self._options.max_memory_points // 2:
-                entry = buffer.popleft()
-                self._buffer_points -= len(entry[0])
-                spilled.append(entry)
-            self._spill(spilled)
+            self._spill(self._take(self._buffer_points - self._options.max_memory_points // 2))
 
-    def _take_batch(self) -> list[Entry]:
-        batch: list[Entry] = []
-        points = 0
+    def _take_batch(self) -> Columns:
+        return self._take(self._options.batch_points)
+
+    def _take(self, n: int) -> Columns:
+        """The oldest ``n`` points of the buffer (fewer if it holds fewer), out of it (caller holds the lock)."""
         buffer = self._buffer
-        while buffer and points < self._options.batch_points:
-            entry = buffer.popleft()
-            batch.append(entry)
-            points += len(entry[0])
-        self._buffer_points -= points
-        return batch
+        taken = Columns()
+        while buffer and taken.points < n:
+            chunk = buffer.popleft()
+            room = n - taken.points
+            if chunk.points > room:
+                chunk, rest = chunk.cut(room)
+                buffer.appendleft(rest)
+            if taken:
+                taken.extend(chunk)
+            else:
+                taken = chunk
+        self._buffer_points -= taken.points
+        return taken
 
-    def _spill(self, entries: list[Entry]) -> None:
-        """Appends entries to the spool in batches (caller holds the lock)."""
-        points = to_points(entries)
+    def _spill(self, columns: Columns) -> None:
+        """Appends points to the spool in batches (caller holds the lock)."""
+        points = columns.to_points()
         size = self._options.batch_points
         for start in range(0, len(points), size):
             self.spool.append(points[start : start + size])
