@@ -18,8 +18,10 @@ Schedules (``--schedule``):
   the run's mode decides whether they are applied at once, after approval, or only drawn.
 
 After every update a :class:`trainer.torch.CommandApplier` applies the server's commands (decay, set_lr,
-stop) to the optimizer *and* the scheduler, so a server-decided decay and a scheduled one compose. A ``stop``
-ends training at that step.
+stop, rollback) to the optimizer *and* the scheduler, so a server-decided decay and a scheduled one compose. A
+``stop`` ends training at that step. With ``checkpoint_dir`` a stage checkpoint is saved there before every
+decay or LR change and reported to the server; a ``rollback`` loads one and training goes on from its step (the
+epoch it falls in, without the minibatches already trained).
 
 ``on_step`` and ``on_epoch`` hand each update's and each completed epoch's statistics (:class:`StepStats`,
 :class:`EpochStats`) to the caller: the benchmarks record curves and time epochs through them, so the numbers
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -145,6 +148,7 @@ def fit(
     sync_detection: bool = False,
     on_step: Callable[[StepStats], None] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> FitResult:
     """Trains ``task.model`` for up to ``epochs`` epochs with ``optimizer`` under ``schedule`` (see the
     module doc), logging to ``run`` and applying its commands; ``log`` receives one line per epoch,
@@ -152,23 +156,29 @@ def fit(
 
     ``sync_detection``: after each epoch, wait until the server's detection has examined the epoch's points and
     the job holds the commands they led to (:meth:`trainer.run.Run.sync_detection`), so that a decision lands
-    at the same epoch on a fast or a loaded machine: for tests and benchmarks, at the cost of a round trip."""
+    at the same epoch on a fast or a loaded machine: for tests and benchmarks, at the cost of a round trip.
+
+    ``checkpoint_dir``: stage checkpoints (see the module doc)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     model = task.model
     per_epoch = task.steps_per_epoch
     scheduler = _scheduler(schedule, optimizer, epochs, per_epoch)
-    applier = CommandApplier(run, optimizer, scheduler)
+    applier = CommandApplier(run, optimizer, scheduler, model=model, checkpoint_dir=checkpoint_dir)
     started = time.perf_counter()
     step = completed = 0
     test_loss = test_acc = math.nan
     model.train()
     lr = applier.current_lr()
-    for epoch in range(epochs):
+    epoch = skip = 0  # skip: minibatches of `epoch` trained before the checkpoint a rollback went back to
+    while epoch < epochs:
         epoch_started = time.perf_counter()
         loss_sum = 0.0
         seen = 0
-        for x, y in task.batches(epoch):
+        rolled_back = False
+        for i, (x, y) in enumerate(task.batches(epoch)):
+            if i < skip:
+                continue
             lr = applier.current_lr()
             outputs = model(x)
             loss = F.cross_entropy(outputs, y)
@@ -183,13 +193,23 @@ def fit(
             seen += len(y)
             run.log({TRAIN_LOSS: loss_value, "lr": lr}, step=step, epoch=step / per_epoch)
             applier.step(step)
+            if applier.rewound_to is not None:  # the checkpoint's weights, optimizer and LR are loaded
+                step = applier.rewound_to
+                epoch, skip = divmod(step, per_epoch)
+                completed = epoch
+                rolled_back = True
+                log(f"stagewatch train: run {run.id} rolled back to step {step} (epoch {epoch + 1})")
+                break
             if on_step is not None:
                 on_step(StepStats(step=step, epoch=epoch, lr=lr, loss=loss_value, outputs=outputs, labels=y))
             if applier.should_stop:
                 break
+        if rolled_back:
+            continue
         if applier.should_stop:
             log(f"stagewatch train: run {run.id} stopped by the server at step {step} (epoch {epoch + 1})")
             break
+        skip = 0
         completed = epoch + 1
         test_loss, test_acc = task.evaluate(model)
         model.train()
@@ -212,6 +232,7 @@ def fit(
             f"epoch {completed}/{epochs}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
             f"test accuracy {test_acc:.3f}  lr {applier.current_lr():.3g}"
         )
+        epoch += 1
     return FitResult(
         epochs=completed,
         steps=step,

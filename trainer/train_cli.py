@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from trainer.errors import TrackerError
@@ -163,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after each epoch wait for the server's detection and its commands: decisions land at the same epoch "
         "on any machine (reproducible tests and benchmarks; costs a round trip per epoch)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="save a stage checkpoint here before every decay or LR change the server sends, and report it to the "
+        "server (GET /runs/{id}/checkpoints); an operator can then roll the run back to one",
     )
     parser.add_argument(
         "--name", default=None, help="run name (default: recipe, schedule, LR, seed and the start time)"
@@ -314,6 +323,7 @@ def _train(args: argparse.Namespace) -> int:
             optimizer=optimizer,
             log=_out,
             sync_detection=args.sync_detection,
+            checkpoint_dir=args.checkpoint_dir,
         )
     _out(
         f"stagewatch train: run {run.id} {'stopped' if result.stopped else 'finished'}: {result.epochs} epochs, "

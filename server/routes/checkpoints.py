@@ -37,7 +37,7 @@ def list_checkpoints(run_id: RunId, state: State, _: Viewer) -> CheckpointList:
     """The run's checkpoints in step order (the stage each one ends is in `stage`)."""
     with transaction(state.sessions) as session:
         get_run(session, run_id)
-        return CheckpointList(data=[store.public(c) for c in store.list_checkpoints(session, run_id)])
+        return CheckpointList(data=store.with_stages(session, run_id, store.list_checkpoints(session, run_id)))
 
 
 @router.post("/{run_id}/rollback", response_model=CommandPublic, status_code=status.HTTP_201_CREATED)

@@ -6,11 +6,12 @@ returns the row already there: a worker retrying after a lost answer never makes
 
 A rollback is a command like a decay (a decision with action ``rollback``, approved at once, delivered and
 acknowledged through ``server.store.commands``). Nothing changes on the server until the worker acknowledges it
-as applied: the worker has loaded the checkpoint then, and :func:`finish_rollback` rewinds the run to the
-checkpoint's step in the same transaction as the acknowledgement -- points after it go to the audit log, the
-decisions applied since are marked ``rolled_back``, the detector is rebuilt from the points that remain and held
-for the backoff. One transaction, so no detection pass sees the rewound points without the hold and proposes
-the decay that was just undone.
+as applied: the worker has loaded the checkpoint then, and :func:`finish_rollback`, in the same transaction as the
+acknowledgement, makes sure the run is rewound to the checkpoint's step (the Python client rewinds it itself just
+before; points after it go to the audit log), marks the decisions applied since ``rolled_back``, rebuilds the
+detector silently from the points that remain and holds it for the backoff. A rewind alone already rebuilds the
+detector without letting it act on the past (``server.store.detection.forget``), so no pass between the two
+proposes the decay that is being undone; the hold keeps it from proposing it again at once.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.errors import Conflict, Invalid
-from server.models import Checkpoint, Decision, Run, Series, utcnow
-from server.schemas import CheckpointCreate, CheckpointPublic, RollbackRequest, Span
+from server.models import Checkpoint, Decision, Event, MetricPoint, Run, Series, Stage, utcnow
+from server.schemas import CheckpointCreate, CheckpointPublic, RollbackRequest, Span, encode_stored_value
 from server.store import decisions, detection
 from server.store.feed import add_feed_event
-from server.store.metrics import rewind
+from server.store.metrics import REWOUND, rewind
 
 ROLLED_BACK = "rolled_back"
 # Decisions that change the LR: the ones a rollback to before their applied step undoes.
@@ -51,9 +52,11 @@ def add_checkpoint(session: Session, run: Run, data: CheckpointCreate, *, actor:
         run_id=run.id,
         step=data.step,
         uri=data.uri,
-        stage=data.stage,
+        stage=data.stage,  # None: the stage that holds its step, looked up when read (detection may lag)
         decision_id=data.decision_id,
-        metrics=dict(data.metrics),  # non-finite values stay in their JSON names ("NaN", ...)
+        # Non-finite values stay in their JSON names ("NaN", ...). None given: read out of the points when listed
+        # (an acknowledgement reaches the server before the points of its step).
+        metrics=dict(data.metrics),
         lr=data.lr,
         actor=actor,
         created_at=utcnow(),
@@ -64,6 +67,38 @@ def add_checkpoint(session: Session, run: Run, data: CheckpointCreate, *, actor:
         session, run.id, "run", {"change": "checkpoint", "checkpoint": public(checkpoint).model_dump(mode="json")}
     )
     return checkpoint, True
+
+
+def with_stages(session: Session, run_id: int, checkpoints: list[Checkpoint]) -> list[CheckpointPublic]:
+    """Public checkpoints. One the worker reported without a stage gets the index of the run's stage that holds
+    its step (the last one started by then), as live detection knows the stages now; one without metrics, each
+    metric's last value at or before its step."""
+    starts = list(session.execute(select(Stage.start_step, Stage.index).where(Stage.run_id == run_id)))
+    out = []
+    for checkpoint in checkpoints:
+        item = public(checkpoint)
+        if not item.metrics:
+            item.metrics = values_at(session, run_id, checkpoint.step)
+        if item.stage is None:
+            started = [(start, index) for start, index in starts if start <= checkpoint.step]
+            item.stage = max(started)[1] if started else None
+        out.append(item)
+    return out
+
+
+def values_at(session: Session, run_id: int, step: int) -> dict[str, Any]:
+    """Each metric's last value at or before ``step`` (one indexed probe per key; a run has a few dozen)."""
+    out: dict[str, Any] = {}
+    for series_id, key in session.execute(select(Series.id, Series.key).where(Series.run_id == run_id)):
+        value = session.execute(
+            select(MetricPoint.value)
+            .where(MetricPoint.series_id == series_id, MetricPoint.step <= step)
+            .order_by(MetricPoint.step.desc())
+            .limit(1)
+        ).first()
+        if value is not None:
+            out[key] = encode_stored_value(value[0])
+    return out
 
 
 def list_checkpoints(session: Session, run_id: int) -> list[Checkpoint]:
@@ -135,11 +170,17 @@ def finish_rollback(session: Session, run: Run, command: Decision, *, actor: str
     checkpoint = command.checkpoint
     assert checkpoint is not None, "a rollback command carries its checkpoint"
     step = int(checkpoint["step"])
-    outcome = rewind(
-        session, run, step, reason=f"rollback to checkpoint {checkpoint['id']} (command {command.id})", actor=actor
-    )
-    detection.forget(session, run.id)
-    add_feed_event(session, run.id, "run", {"change": "rewind", "step": step})
+    latest = current_step(session, run.id)
+    if latest is not None and latest > step:
+        # A worker that did not rewind the run itself (the Python client does, just before this acknowledgement,
+        # so that its spool knows the rewind): the points after the checkpoint go to the audit log here.
+        event_id: int | None = rewind(
+            session, run, step, reason=f"rollback to checkpoint {checkpoint['id']} (command {command.id})", actor=actor
+        ).event_id
+        add_feed_event(session, run.id, "run", {"change": "rewind", "step": step})
+    else:
+        event_id = session.scalar(select(func.max(Event.id)).where(Event.run_id == run.id, Event.kind == REWOUND))
+    detection.forget(session, run.id)  # the detector rebuilt silently from the points up to the checkpoint
     undone = session.scalars(
         select(Decision)
         .where(
@@ -162,14 +203,15 @@ def finish_rollback(session: Session, run: Run, command: Decision, *, actor: str
     backoff = (command.evidence or {}).get("backoff")
     if backoff:
         span = Span.model_validate(backoff)
-        # From the checkpoint's step: the rewind made it the latest point. (An epoch backoff was checked when the
-        # rollback was queued; should the points have lost their epochs since, the hold is given in steps.)
+        # From the checkpoint's step (epochs: from the monitored metric's last epoch, which the rewind made the
+        # checkpoint's). An epoch backoff was checked when the rollback was queued; should the points have lost
+        # their epochs since, the hold is one step.
         try:
-            detection.hold(session, run, epochs=span.epochs, steps=span.steps)
+            detection.hold(session, run, epochs=span.epochs, steps=span.steps, from_step=step)
         except Invalid:
             span = Span(steps=1)
-            detection.hold(session, run, epochs=None, steps=1)
+            detection.hold(session, run, epochs=None, steps=1, from_step=step)
         decisions.record_hold(
             session, run, actor=actor, epochs=span.epochs, steps=span.steps, reason=f"rollback (command {command.id})"
         )
-    command.evidence = {**command.evidence, "rewind_event_id": outcome.event_id}
+    command.evidence = {**command.evidence, "rewind_event_id": event_id}

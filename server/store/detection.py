@@ -83,13 +83,17 @@ def forget(session: Session, run_id: int) -> None:
     session.flush()
 
 
-def hold(session: Session, run: Run, *, epochs: float | None, steps: int | None) -> DetectorState:
-    """Stop feeding the detector for ``epochs`` or ``steps`` from the latest monitored point."""
+def hold(
+    session: Session, run: Run, *, epochs: float | None, steps: int | None, from_step: int | None = None
+) -> DetectorState:
+    """Stop feeding the detector for ``epochs`` or ``steps`` from the latest monitored point (``steps`` from
+    ``from_step`` if given: a rollback's checkpoint)."""
     row = state_row(session, run, {})
     metric = str((run.detector or {}).get("metric", "epoch/train_loss"))
     series = session.scalar(select(Series).where(Series.run_id == run.id, Series.key == metric))
     if steps is not None:
         last = series.last_step if series is not None and series.last_step is not None else 0
+        last = from_step if from_step is not None else last
         row.hold_until_step = max(row.hold_until_step or 0, last + steps)
     elif epochs is not None:
         if series is None or series.last_epoch is None:
