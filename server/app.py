@@ -16,6 +16,7 @@ import web
 from server import __version__, replicas
 from server.db import make_engine, make_session_factory
 from server.errors import InternalErrors, install_error_handlers
+from server.ingest_route import IngestRoute
 from server.limits import BodySizeLimit
 from server.live.engine import LiveDetection
 from server.migrate import check_schema
@@ -94,6 +95,8 @@ def create_app(settings: Settings, *, check: bool = True) -> FastAPI:
     routers = (health, runs, metrics, history, decisions, commands, checkpoints, stream, whoami)
     for router in (module.router for module in routers):
         app.include_router(router)
+    # First in the table: a metrics batch skips the scan and FastAPI's dependency solving (server.ingest_route).
+    app.router.routes.insert(0, IngestRoute())
     # Before the /ui mount, which would answer this path first: plotly.js of the installed package, no CDN.
     app.add_api_route("/ui/vendor/plotly.min.js", web.plotly_js, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/ui", web.WebAssets(directory=Path(web.__file__).parent, html=True), name="ui")

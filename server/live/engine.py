@@ -88,6 +88,10 @@ class LiveDetection:
     def notify(self, run_id: int) -> None:
         """Thread-safe; cheap. The run gets a pass soon (several notifications make one pass)."""
         with self._cond:
+            if run_id in self._dirty:
+                # Queued already, and its adder woke the threads: they count it in when they sleep. Waking them
+                # again for every small batch of a busy run cost each ingest a thread switch (GIL handover).
+                return
             self._dirty[run_id] = None
             self._cond.notify_all()
 
