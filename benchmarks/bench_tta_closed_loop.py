@@ -139,6 +139,14 @@ REMOVED_OPTION_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Run once each, after the epoch preset's parameters were fixed (README, "Time to accuracy": the heldout2 files).
+HELD_OUT = [
+    Setting(width=40, num_samples=7000, seeds=(70, 71, 72)),
+    Setting(width=20, label_noise=0.15, seeds=(80, 81, 82)),
+    Setting(num_samples=4000, lr=0.08, seeds=(90, 91, 92)),
+]
+
+
 class Tree:
     """Trajectories of one (setting, seed), memoised by decay epochs: ``key`` is the tuple of 0-based epoch
     indices from which a further x``FACTOR`` applies; ``states[key][k]`` is the state after ``k`` epochs
