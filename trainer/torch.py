@@ -75,7 +75,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from trainer.commands import Command
 
-__all__ = ["AppliedCommand", "CommandApplier", "CommandSource", "StageEnd"]
+__all__ = ["AppliedCommand", "CommandApplier", "CommandSource", "LoadHook", "SaveHook", "StageEnd"]
 
 logger = logging.getLogger("trainer")
 

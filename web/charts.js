@@ -63,6 +63,7 @@ export const DECISION_KINDS = {
   dropped: { label: "superseded / expired", symbol: "circle-open", color: "#868e96", size: 10, glyph: "○" },
   observed: { label: "observed only", symbol: "circle-open", color: "#1c7ed6", size: 10, glyph: "○" },
   failed: { label: "failed", symbol: "triangle-down-open", color: "#c92a2a", size: 13, glyph: "▽" },
+  rolled_back: { label: "rolled back", symbol: "triangle-down-open", color: "#e8590c", size: 13, glyph: "↶" },
 };
 
 export function decisionKind(decision) {
@@ -70,7 +71,7 @@ export function decisionKind(decision) {
   if (s === "proposed") return "proposed";
   if (s === "applied") return "applied";
   if (s === "approved" || s === "delivered") return decision.overridden ? "overridden" : "approved";
-  if (s === "rejected" || s === "failed" || s === "observed") return s;
+  if (s === "rejected" || s === "failed" || s === "observed" || s === "rolled_back") return s;
   return "dropped";
 }
 
@@ -78,6 +79,7 @@ export function decisionKind(decision) {
 export function describeAction(d) {
   if (d.action === "decay") return `decay ×${fmtLr(d.factor)}${d.lr ? ` → LR ${fmtLr(d.lr)}` : ""}`;
   if (d.action === "set_lr") return `set LR ${fmtLr(d.lr)}`;
+  if (d.action === "rollback") return `roll back to step ${fmtInt(d.step)}`;
   return d.action;
 }
 

@@ -45,7 +45,10 @@ subscribe(`/runs/${runId}/stream`, {
   points: whenLoaded((payload) => data.applyPoints(payload)),
   decision: whenLoaded((decision) => data.applyDecision(decision)),
   stage: whenLoaded((stage) => data.applyStage(stage)),
-  run: whenLoaded((event) => (event.change === "rewind" ? data.reloadAll() : data.reloadRun())),
+  run: whenLoaded((event) => {
+    if (event.change === "checkpoint" || event.change === "rewind") refreshCheckpoints();
+    return event.change === "rewind" ? data.reloadAll() : data.reloadRun();
+  }),
 }, setLive);
 
 
@@ -76,6 +79,7 @@ function changed(what) {
     renderHead();
     renderNotes();
     renderControls();
+    renderCheckpoints();
     renderDecision();
     refreshFacts();
     refreshAudit();
@@ -93,6 +97,7 @@ function askWhoami() {
     if (!loaded) return;
     renderControls();
     renderNotes();
+    renderCheckpoints();
     shownProposal = null; // the proposal's buttons too
     renderDecision();
   });
@@ -152,6 +157,7 @@ async function main() {
   renderDecision();
   renderDecisionsTable();
   renderStages();
+  loadCheckpoints();
   renderLegend();
   wireControls();
   wireNotes();
@@ -606,6 +612,66 @@ function renderDecisionsTable() {
     data.run.detector ? "No decision yet." : "No detector on this run, and no operator command yet."))]));
   renderHead();
   renderControls();
+}
+
+// --- stage checkpoints ------------------------------------------------------------------------------------------------
+
+let checkpoints = [];
+const refreshCheckpoints = throttled(() => loadCheckpoints(), 400);
+
+async function loadCheckpoints() {
+  try {
+    checkpoints = (await api(`/runs/${runId}/checkpoints`)).data;
+  } catch (error) {
+    $("checkpoints-status").textContent = `The checkpoints could not be loaded: ${explain(error)}`;
+    return;
+  }
+  renderCheckpoints();
+}
+
+// One row per checkpoint, grouped by the stage each one ends (earlier stages first), with a roll-back button that
+// is disabled, with the reason, for anyone who may not act on the run.
+function renderCheckpoints() {
+  if (!data.run) return;
+  const why = whyNot();
+  const sorted = [...checkpoints].sort((a, b) => (a.stage ?? -1) - (b.stage ?? -1) || a.step - b.step);
+  let previous;
+  const rows = sorted.map((c) => {
+    const first = c.stage !== previous;
+    previous = c.stage;
+    const metrics = Object.entries(c.metrics || {}).map(([k, v]) => `${k} ${fmtValue(v)}`).join(" · ");
+    return h("tr", { dataset: { checkpoint: String(c.id) } },
+      h("th", { scope: "row" }, first ? (c.stage === null ? "–" : `S${c.stage}`) : ""),
+      h("td", { class: "num" }, fmtInt(c.step)),
+      h("td", { class: "num" }, c.lr === null ? "–" : fmtLr(c.lr)),
+      h("td", { class: "small" }, metrics || "–"),
+      h("td", { class: "uri" }, c.uri),
+      h("td", {}, h("button", { type: "button", class: "small", disabled: why !== null,
+        "aria-label": `Roll the run back to the checkpoint at step ${c.step}`, title: why ?? "",
+        onclick: (event) => rollBack(c, event.currentTarget) }, "Roll back")),
+    );
+  });
+  $("checkpoints").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: "6", class: "muted" },
+    "No checkpoint yet: a worker with stage checkpoints on saves one before every decay."))]));
+  $("checkpoints-note").textContent = rows.length && why ? why : "";
+}
+
+function rollBack(checkpoint, button) {
+  const question = `Roll run ${data.run.name} back to the checkpoint at step ${fmtInt(checkpoint.step)}? The worker `
+    + "loads it at its next step boundary; the points after that step move to the audit log.";
+  if (!window.confirm(question)) return;
+  const status = $("checkpoints-status");
+  button.disabled = true;
+  status.textContent = "Sending the rollback…";
+  api(`/runs/${runId}/rollback`, { method: "POST", body: { checkpoint_id: checkpoint.id, reason: "from the run page" } })
+    .then(() => {
+      status.textContent = `Rollback to step ${fmtInt(checkpoint.step)} sent to the worker.`;
+      announce(status.textContent);
+      refreshAudit();
+    }, (error) => {
+      status.textContent = `The rollback was refused: ${explain(error)}`;
+      button.disabled = whyNot() !== null;
+    });
 }
 
 // --- audit log ---------------------------------------------------------------------------------------------------------

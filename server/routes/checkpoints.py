@@ -16,7 +16,15 @@ from server.store.runs import get_run
 router = APIRouter(prefix="/api/v1/runs", tags=["checkpoints"], responses=ERROR_RESPONSES)
 
 
-@router.post("/{run_id}/checkpoints", response_model=CheckpointPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/{run_id}/checkpoints",
+    response_model=CheckpointPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        201: {"description": "The checkpoint was recorded."},
+        200: {"model": CheckpointPublic, "description": "This `step` and `uri` were reported before: that report."},
+    },
+)
 def report_checkpoint(
     run_id: RunId, data: CheckpointCreate, state: State, who: Worker, response: Response
 ) -> CheckpointPublic:

@@ -34,21 +34,28 @@ acknowledged at step ``N`` is therefore in the ``lr`` logged from step ``N + 1``
 
 Call :meth:`StagewatchHook.record` before ``optimizer.step()``, as above: what is recorded is logged with the
 next step that completes, so the loss of the batch that step ``N`` trained on is logged at step ``N``.
+
+Stage checkpoints and rollback: pass ``model=`` and ``checkpoint_dir=`` (or ``save_checkpoint=`` /
+``load_checkpoint=``, see :class:`trainer.torch.CommandApplier`). A checkpoint is saved before each decay the server
+sends; a ``rollback`` command loads one inside ``optimizer.step()``, and ``hook.step`` goes back to its step (the
+step that loaded it is not logged; your data loader goes on where it was).
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 import types
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.hooks import RemovableHandle
 
 from trainer.run import Run
-from trainer.torch import CommandApplier
+from trainer.torch import CommandApplier, LoadHook, SaveHook
 
 __all__ = ["StagewatchHook"]
 
@@ -74,6 +81,10 @@ class StagewatchHook:
         steps_per_epoch: int | None = None,
         start_step: int = 0,
         sync_every: int = 1,
+        model: nn.Module | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        save_checkpoint: SaveHook | None = None,
+        load_checkpoint: LoadHook | None = None,
     ) -> None:
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
@@ -83,7 +94,16 @@ class StagewatchHook:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.run = run
         self.optimizer = optimizer
-        self.applier = CommandApplier(run, optimizer, scheduler, sync_every=sync_every)
+        self.applier = CommandApplier(
+            run,
+            optimizer,
+            scheduler,
+            sync_every=sync_every,
+            model=model,
+            checkpoint_dir=checkpoint_dir,
+            save_checkpoint=save_checkpoint,
+            load_checkpoint=load_checkpoint,
+        )
         self.log_every = log_every
         self.lr_key = lr_key
         self.steps_per_epoch = steps_per_epoch
@@ -169,6 +189,11 @@ class StagewatchHook:
         step = self.step
         lr_used = optimizer.param_groups[0]["lr"]  # before the commands: the LR this update used
         applied = self.applier.step(step)
+        if self.applier.rewound_to is not None:  # a rollback loaded a checkpoint: the job stands at its step
+            self.step = self.applier.rewound_to
+            self._sums.clear()  # recorded on the abandoned trajectory
+            self._counts.clear()
+            return
         stopped_now = any(a.action == "stop" and a.status == "applied" for a in applied)
         if step % self.log_every == 0 or stopped_now:  # the step a stop lands on is the last one: log it
             if self.run is not None:
