@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow  # trains 10 small runs and starts two servers: about 40 s on two cores
+pytestmark = pytest.mark.slow  # 11 small trainings, two servers, Chromium: 40-90 s on two cores
 
 REPO = Path(__file__).resolve().parent.parent
 

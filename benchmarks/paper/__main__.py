@@ -189,7 +189,7 @@ def time_to_accuracy(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rerender:
-        document = json.loads((args.out_dir / "paper.json").read_text())
+        document = reanalyse(json.loads((args.out_dir / "paper.json").read_text()))
         print(report.summary_markdown(document))
         print("wrote " + ", ".join(str(p) for p in report.write_all(document, args.out_dir, png=args.png)))
         return 0
@@ -299,6 +299,21 @@ def build_document(
         "runs": results,
         "problems": problems,
     }
+
+
+def reanalyse(old: dict[str, Any]) -> dict[str, Any]:
+    """The document of an earlier run (its ``paper.json``) with the measures and verdicts of the code as it is
+    now: the recorded curves, stages and transfer results are kept, everything derived is computed again."""
+    for run in old["runs"]:
+        run["transitions"] = analysis.run_transitions(run["curves"], run["milestones"])
+    args = argparse.Namespace(**old["options"])
+    args.out_dir = Path(args.out_dir)
+    c = old["claims"]["c"]
+    document = build_document(
+        args, old["runs"], {"summary": c["summary"], "runs": c["runs"]}, c["source"], old["problems"]
+    )
+    document.update({k: old[k] for k in ("command", "code", "machine", "timing")})
+    return document
 
 
 def _per_stage(rows_by_seed: dict[int, list[dict[str, Any]]], fields: Sequence[str]) -> list[dict[str, Any]]:

@@ -406,7 +406,10 @@ def notes(doc: dict[str, Any]) -> dict[str, str]:
             "the evidence of a <i>transition</i> is the jump, and the server's segmentation rule "
             "(<code>server.detectors.segment</code>) run on the per-step loss without the LR. The paper's "
             "curves are ImageNet/CIFAR ones; here the model memorises its 4,000 samples, so the training loss "
-            "shows the stages far more than the test accuracy."
+            "shows the stages far more than the test accuracy. The jump looks at one epoch: a transition that takes "
+            "two or three epochs to settle after a zig-zagging stage scores lower than it looks on the log scale. The "
+            "segmentation without the LR works on the per-step minibatch loss, whose noise at batch 32 is large; "
+            "on the deterministic full-batch curves it flags any kink, so it is shown, not used by a verdict."
         ),
         "b": (
             f"Full-batch gradient descent (batch = all 4,000 training samples, LR {p['gd']['lr']}, the largest "
@@ -436,7 +439,9 @@ def notes(doc: dict[str, Any]) -> dict[str, str]:
             f"Linear probe: logistic regression (L2 {tr['probe_l2']:g}) on the frozen, standardised features; "
             f"fine-tuning: the whole network with a fresh head, SGD LR {tr['finetune_lr']:g}, {tr['finetune_epochs']} "
             "epochs. Holds when the last stage's held-out accuracy is below the first stage's for every seed, on "
-            "both evaluations of the primary target. The paper's transfer is ImageNet to other image datasets "
+            "both evaluations of the primary target; <i>contradicted</i> when it is above for every seed on both; "
+            "<i>inconclusive</i> otherwise (the evaluations or the seeds disagree: the table says which). The "
+            "paper's transfer is ImageNet to other image datasets "
             "with far larger models."
         ),
     }
