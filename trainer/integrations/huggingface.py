@@ -24,6 +24,12 @@ those too, so a decay lasts instead of being undone at the next step. A decay ac
 ``learning_rate`` logged from step ``N + 1`` on. A ``stop`` command sets ``control.should_training_stop``: the
 ``Trainer`` ends training after that step (the end-of-epoch evaluation and save still happen as configured).
 
+Stage checkpoints and rollback (``checkpoint_dir=``, or ``save_checkpoint=`` / ``load_checkpoint=`` of
+:class:`trainer.torch.CommandApplier`): before a decay the model, optimizer and scheduler are saved and reported;
+a ``rollback`` loads them back at the end of an optimizer step and sets ``state.global_step`` back to the
+checkpoint's step (the epoch and the data go on where they were). What the ``Trainer`` logs for that step is not
+sent.
+
 The commands applied so far are saved in each checkpoint's ``trainer_state.json`` (the callback is an
 ``ExportableState``) and read back when training resumes from it, so a resumed job never applies one again. Keep
 ``TrainingArguments(restore_callback_states_from_checkpoint=False)``, the default: ``True`` makes the ``Trainer``
@@ -36,6 +42,8 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
+import sys
 from typing import Any
 
 import torch
@@ -45,7 +53,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from trainer.run import Run
-from trainer.torch import CommandApplier
+from trainer.torch import CommandApplier, LoadHook, SaveHook
 
 __all__ = ["StagewatchCallback"]
 
@@ -78,6 +86,23 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _rewind_log_counter(step: int) -> None:
+    """The ``Trainer`` logs only past the step it last logged (``_globalstep_last_logged``), a counter callbacks are
+    not given: after a rollback it would stay silent up to that step and then average the loss over too few
+    steps. The ``Trainer`` calling this callback is found up the call stack (``on_step_end`` is called from its
+    training loop) and its counter set back too; without one (another caller) nothing changes."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            owner._globalstep_last_logged = min(owner._globalstep_last_logged, step)
+            return
+        frame = frame.f_back  # type: ignore[assignment]
+    logger.warning("stagewatch: no Trainer up the stack; its own logs resume past the step it last logged")
+
+
 class StagewatchCallback(TrainerCallback, ExportableState):
     """Logs the ``Trainer``'s logs to ``run`` and applies the server's commands; see the module doc.
 
@@ -85,11 +110,23 @@ class StagewatchCallback(TrainerCallback, ExportableState):
     ``sync_every`` is ``CommandApplier``'s.
     """
 
-    def __init__(self, run: Run | None, *, sync_every: int = 1) -> None:
+    def __init__(
+        self,
+        run: Run | None,
+        *,
+        sync_every: int = 1,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        save_checkpoint: SaveHook | None = None,
+        load_checkpoint: LoadHook | None = None,
+    ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.run = run
         self.sync_every = sync_every
+        self.checkpoint_dir = checkpoint_dir
+        self._save_hook = save_checkpoint
+        self._load_hook = load_checkpoint
+        self._unsent_step: int | None = None  # a rollback's step: what the Trainer logs for it is not sent
         self.applier: CommandApplier | None = None  # built at on_train_begin, once the optimizer exists
         self._applied_state: dict[str, Any] = {}  # the applier's state while there is no applier
 
@@ -124,8 +161,16 @@ class StagewatchCallback(TrainerCallback, ExportableState):
             self._applied_state = dict(saved.get("attributes", {}).get(_STATE_KEY) or self.state_dict())
         else:
             self._applied_state = self.state_dict()
+        model = kwargs.get("model")
         self.applier = CommandApplier(
-            self.run, optimizer, _scheduler_of(kwargs.get("lr_scheduler")), sync_every=self.sync_every
+            self.run,
+            optimizer,
+            _scheduler_of(kwargs.get("lr_scheduler")),
+            sync_every=self.sync_every,
+            model=model if isinstance(model, torch.nn.Module) else None,
+            checkpoint_dir=self.checkpoint_dir,
+            save_checkpoint=self._save_hook,
+            load_checkpoint=self._load_hook,
         )
         if self._applied_state:
             self.applier.load_state_dict(self._applied_state)
@@ -134,6 +179,10 @@ class StagewatchCallback(TrainerCallback, ExportableState):
         if self.applier is None:
             return
         self.applier.step(state.global_step)
+        if self.applier.rewound_to is not None:  # the checkpoint is loaded: back to its step
+            state.global_step = self._unsent_step = self.applier.rewound_to
+            _rewind_log_counter(state.global_step)
+            return
         if self.applier.should_stop:
             control.should_training_stop = True
 
@@ -147,6 +196,10 @@ class StagewatchCallback(TrainerCallback, ExportableState):
     ) -> None:
         if self.run is None or not logs:
             return
+        if self._unsent_step is not None:
+            if self._unsent_step == state.global_step:
+                return  # the step of a rollback, on the abandoned trajectory; its step is stored already
+            self._unsent_step = None
         values: dict[str, float] = {}
         for key, value in logs.items():
             number = _number(value)

@@ -30,6 +30,12 @@ Commands from the server are applied at the end of every training batch that ste
 step ``N`` is in the ``lr`` logged from step ``N + 1`` on. A ``stop`` command sets ``trainer.should_stop``:
 Lightning ends ``fit`` after that batch (``min_epochs``/``min_steps`` still apply).
 
+Stage checkpoints and rollback (``checkpoint_dir=``, or ``save_checkpoint=`` / ``load_checkpoint=`` of
+:class:`trainer.torch.CommandApplier`): before a decay the LightningModule, the optimizer and scheduler are saved
+and reported; a ``rollback`` loads them back at the end of a batch and sets ``trainer.global_step`` back to the
+checkpoint's step (Lightning's optimizer-step counter, so ``max_steps`` and the logged steps follow; the epoch and
+the data loader go on where they were). What Lightning logs for that batch is not sent.
+
 The commands applied so far are the callback's state in Lightning checkpoints (``Callback.state_dict``), so
 ``trainer.fit(..., ckpt_path=...)`` never applies one again. Under DDP every rank needs the callback (commands are
 broadcast at the step boundary): pass the run on global rank 0 and ``None`` on the others.
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +57,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from trainer.run import Run
-from trainer.torch import CommandApplier
+from trainer.torch import CommandApplier, LoadHook, SaveHook
 
 __all__ = ["StagewatchCallback"]
 
@@ -71,6 +78,9 @@ class StagewatchCallback(Callback):
         lr_key: str = "lr",
         log_metrics: bool = True,
         sync_every: int = 1,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        save_checkpoint: SaveHook | None = None,
+        load_checkpoint: LoadHook | None = None,
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
@@ -81,6 +91,10 @@ class StagewatchCallback(Callback):
         self.lr_key = lr_key
         self.log_metrics = log_metrics
         self.sync_every = sync_every
+        self.checkpoint_dir = checkpoint_dir
+        self._save_hook = save_checkpoint
+        self._load_hook = load_checkpoint
+        self._unsent_step: int | None = None  # a rollback's batch: what Lightning logs for it is not sent
         self.applier: CommandApplier | None = None  # built at on_train_start, once the optimizers exist
         self._restored: dict[str, Any] | None = None  # a checkpoint's state, loaded before the applier exists
         self._trainer: pl.Trainer | None = None
@@ -123,7 +137,16 @@ class StagewatchCallback(Callback):
                 break
         # A second fit() with this callback, or a resume: keep what was applied, never apply it twice.
         state = self._restored if self._restored is not None else self.state_dict()
-        self.applier = CommandApplier(self.run, optimizer, scheduler, sync_every=self.sync_every)
+        self.applier = CommandApplier(
+            self.run,
+            optimizer,
+            scheduler,
+            sync_every=self.sync_every,
+            model=pl_module,
+            checkpoint_dir=self.checkpoint_dir,
+            save_checkpoint=self._save_hook,
+            load_checkpoint=self._load_hook,
+        )
         if state:
             self.applier.load_state_dict(state)
         self._restored = None
@@ -150,6 +173,10 @@ class StagewatchCallback(Callback):
         # Set by Trainer.__init__ but not declared on the class; 0 (barebones) means no step-level logging.
         if self.applier is not None:
             self.applier.step(step)
+            if self.applier.rewound_to is not None:  # the checkpoint is loaded: back to its step
+                _set_global_step(trainer, self.applier.rewound_to)
+                self._last_step = self._unsent_step = trainer.global_step
+                return
             if self.applier.should_stop:
                 trainer.should_stop = True
         every = self.log_every_n_steps
@@ -191,6 +218,10 @@ class StagewatchCallback(Callback):
         """Lightning's metrics, as its loggers get them, at the current global step."""
         if self.run is None or self._trainer is None:
             return
+        if self._unsent_step is not None:
+            if self._unsent_step == self._trainer.global_step:
+                return  # the batch of a rollback, on the abandoned trajectory; its step is stored already
+            self._unsent_step = None
         # Lightning adds the epoch index under "epoch"; the fractional epoch is sent as the points' epoch.
         values = {
             key: float(value)
@@ -202,6 +233,19 @@ class StagewatchCallback(Callback):
         if self._checkpoint_step == self._trainer.global_step:
             self._checkpoint_step = None
             self.run.checkpoint()
+
+
+def _set_global_step(trainer: pl.Trainer, step: int) -> None:
+    """Sets Lightning's count of optimizer steps (``trainer.global_step``) back to ``step``."""
+    loop = trainer.fit_loop.epoch_loop
+    module = trainer.lightning_module
+    if module is None or module.automatic_optimization:
+        tracker: Any = loop.automatic_optimization.optim_progress.optimizer.step.total
+    else:
+        tracker = loop.manual_optimization.optim_step_progress.total
+    back = tracker.completed - step
+    tracker.ready = tracker.completed = step
+    loop._batches_that_stepped = max(0, loop._batches_that_stepped - back)  # the step Lightning's loggers see
 
 
 class _MetricsForwarder(Logger):
