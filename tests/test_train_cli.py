@@ -212,6 +212,7 @@ def test_train_autodecay_auto_mode_applies_the_servers_decay(
     result = train(
         tmp_path, "--recipe", "mnist1d-cnn", "--schedule", "autodecay", "--epochs", "12", "--num-samples", "1000",
         "--batch-size", "25", *detector_args(*QUICK_DETECTOR), "--server", server.url, "--sync-detection",
+        "--checkpoint-dir", str(tmp_path / "ckpts"),
     )  # fmt: skip
     run_id = run_id_of(result)
     assert caught_up(client, run_id)
@@ -234,6 +235,17 @@ def test_train_autodecay_auto_mode_applies_the_servers_decay(
         (pytest.approx(DEFAULT_LR), 1),
         (pytest.approx(DEFAULT_LR * 0.1), first["applied_step"] + 1),
     ]
+    # --checkpoint-dir: the stage checkpoint saved just before the decay, listed with the stage it ends.
+    (checkpoint,) = client.get(f"/api/v1/runs/{run_id}/checkpoints").json()["data"]
+    path = tmp_path / "ckpts" / f"stage-end-step{first['applied_step']}.pt"
+    assert (checkpoint["step"], checkpoint["uri"], checkpoint["decision_id"], checkpoint["stage"]) == (
+        first["applied_step"],
+        str(path.resolve()),
+        first["id"],
+        0,
+    )
+    assert path.is_file() and checkpoint["lr"] == pytest.approx(DEFAULT_LR)
+    assert "test/accuracy" in checkpoint["metrics"]
 
 
 def test_train_plateau_and_observe_mode(server: LiveServer, client: httpx.Client, tmp_path: Path) -> None:
