@@ -196,8 +196,9 @@ class CommandApplier:
         return results
 
     def _ready(self, todo: list[Command]) -> list[Command]:
-        """The commands to apply now: all of them, unless a rollback is among them and the server does not have
-        every point logged so far yet (they would land after the rewind); then those before it."""
+        """The commands to apply now (rank 0 decides, before the broadcast): all of them, unless a rollback is
+        among them and the server does not have every point logged so far yet (they would land after the rewind
+        and count as the new trajectory's); then only those before it, and the rollback is tried again later."""
         for i, command in enumerate(todo):
             if command.action != "rollback":
                 continue
@@ -235,7 +236,8 @@ class CommandApplier:
         try:
             ack_rollback = getattr(self.run, "ack_rollback", None)
             if fresh and done.action == "rollback" and done.status == "applied" and ack_rollback is not None:
-                if not ack_rollback(done.id, step=done.step, lr=done.lr, message=done.message, timeout=30.0):
+                timeout = self.rollback_flush_s
+                if not ack_rollback(done.id, step=done.step, lr=done.lr, message=done.message, timeout=timeout):
                     logger.warning("stagewatch: the rollback's rewind is not on the server yet; it goes first")
             elif done.checkpoint is not None:
                 self.run.ack_command(

@@ -125,7 +125,9 @@ def queue_rollback(session: Session, run: Run, data: RollbackRequest, *, actor: 
             f"checkpoint_id: checkpoint {checkpoint.id} belongs to run {checkpoint.run_id}, not to run {run.id}"
         )
     now = current_step(session, run.id)
-    if now is None or checkpoint.step > now:
+    if now is None:
+        raise Invalid(f"checkpoint_id: run {run.id} has no points yet; there is nothing to roll back")
+    if checkpoint.step > now:
         raise Invalid(
             f"checkpoint_id: checkpoint {checkpoint.id} is at step {checkpoint.step}, after the run's current step "
             f"{now}; a rollback goes back"
@@ -181,6 +183,8 @@ def finish_rollback(session: Session, run: Run, command: Decision, *, actor: str
     else:
         event_id = session.scalar(select(func.max(Event.id)).where(Event.run_id == run.id, Event.kind == REWOUND))
     detection.forget(session, run.id)  # the detector rebuilt silently from the points up to the checkpoint
+    # A proposal made while the rollback travelled judged the trajectory it abandons.
+    decisions.supersede_waiting(session, run.id, by=command.id, actor=actor)
     undone = session.scalars(
         select(Decision)
         .where(
