@@ -58,8 +58,15 @@ class AppState:
         loop = self.loop
         if loop is None or loop.is_closed():
             return
+        # Only where a request waits: each call wakes the event loop (a write to its pipe, a thread switch), which
+        # a one-point ingest paid on every commit. No wake-up is lost: waiters subscribe before they read the
+        # database, so one that subscribes after this check reads what this commit wrote.
+        feed, wakeups = self.feed, self.wakeups
+        anyone = feed.waiting(ALL_RUNS)
         for run_id in changed.all():
-            loop.call_soon_threadsafe(functools.partial(self.announce, run_id, command=run_id in changed.commands))
+            command = run_id in changed.commands
+            if anyone or feed.waiting(run_id) or (command and wakeups.waiting(run_id)):
+                loop.call_soon_threadsafe(functools.partial(self.announce, run_id, command=command))
 
     def remote_change(self, run_id: int, command: bool) -> None:
         """Another server process committed a change of ``run_id`` (``server.replicas``; any thread): wakes its

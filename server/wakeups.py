@@ -37,6 +37,11 @@ class Wakeups:
         finally:
             self.unsubscribe(key, event)
 
+    def waiting(self, key: int) -> bool:
+        """Whether anything is subscribed to ``key`` now. Safe from any thread: one read of the map, atomic under
+        the GIL (and ``get`` does not add the key to the defaultdict)."""
+        return bool(self._waiting.get(key))
+
     def wake(self, key: int) -> None:
         for event in self._waiting.get(key, ()):
             event.set()
