@@ -1,5 +1,5 @@
 """Stage checkpoints and rollback through the framework integrations, in real (tiny) trainings against the real
-server: Lightning's ``fit`` and the Hugging Face ``Trainer.train()``.
+server: the plain PyTorch hook, Lightning's ``fit`` and the Hugging Face ``Trainer.train()``.
 
 An operator callback posts a decay at one step (the integration saves a stage checkpoint first), then a rollback to
 that checkpoint a few steps later; at the next batch the test compares every parameter with the saved file
@@ -16,6 +16,7 @@ import huggingface_hub.constants
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import trainer
@@ -23,9 +24,21 @@ from tests.conftest import LiveServer
 from tests.test_integration_huggingface import make_trainer as make_hf_trainer
 from tests.test_integration_lightning import Classifier, loaders
 from tests.test_integration_lightning import make_trainer as make_lightning_trainer
-from tests.test_integration_pytorch import EPOCHS, FACTOR, open_run, post_and_deliver, series, wait_delivered
+from tests.test_integration_pytorch import (
+    BATCH,
+    EPOCHS,
+    FACTOR,
+    LR0,
+    open_run,
+    post_and_deliver,
+    schedule,
+    separable_data,
+    series,
+    wait_delivered,
+)
 from trainer.integrations.huggingface import StagewatchCallback as HfCallback
 from trainer.integrations.lightning import StagewatchCallback as LightningCallback
+from trainer.integrations.pytorch import StagewatchHook
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,11 +85,15 @@ class Operator:
             }
 
 
-def check_server(client: httpx.Client, run_id: int, operator: Operator, last_step: int, lr_key: str) -> None:
+def check_server(
+    client: httpx.Client, run_id: int, operator: Operator, last_step: int, lr_key: str, lr: float | None = None
+) -> None:
+    """``lr``: the LR the next update uses after the rollback (default: the one saved in the checkpoint)."""
     assert operator.checkpoint is not None and operator.checked is not None
     at = operator.checkpoint["step"]
     assert at == DECAY_AT
-    assert operator.checked["identical"] and operator.checked["lr"] == operator.checked["saved_lr"]
+    assert operator.checked["identical"]
+    assert operator.checked["lr"] == (operator.checked["saved_lr"] if lr is None else lr)
     steps = [p["step"] for p in series(client, run_id, lr_key)]
     assert steps == sorted(set(steps)) and steps[-1] == last_step  # each step once, up to the end
     decisions = client.get(f"/api/v1/runs/{run_id}/decisions").json()
@@ -86,6 +103,35 @@ def check_server(client: httpx.Client, run_id: int, operator: Operator, last_ste
     ]
     (rewind,) = client.get(f"/api/v1/runs/{run_id}/rewinds").json()["data"]
     assert rewind["step"] == at
+
+
+def test_pytorch_hook_rollback(server: LiveServer, client: httpx.Client, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = separable_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR0, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    with open_run(server, tmp_path, "hook-rollback") as run:
+        assert run.id is not None
+        operator = Operator(client, run)
+        hook = StagewatchHook(run, optimizer, scheduler, model=model, checkpoint_dir=tmp_path / "ckpts")
+        for _ in range(EPOCHS):
+            for xs, ys in loader:
+                operator.before_step(hook.step, model, hook.current_lr())
+                loss = torch.nn.functional.cross_entropy(model(xs), ys)
+                hook.record(loss)
+                optimizer.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()  # the hook applies the rollback here, and hook.step goes back
+                scheduler.step()
+        assert hook.step == EPOCHS * len(loader) - (ROLLBACK_AT - DECAY_AT)
+        assert run.flush(15)
+        run_id = run.id
+    # The hook saves and loads inside optimizer.step(), before the loop's scheduler.step(): the update after the
+    # rollback uses what the update after the checkpoint would have used without the decay.
+    check_server(client, run_id, operator, hook.step, "lr", lr=LR0 * schedule(DECAY_AT))
+    assert [p["step"] for p in series(client, run_id, "loss")] == list(range(1, hook.step + 1))
 
 
 class LightningOperator(pl.Callback):
