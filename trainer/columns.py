@@ -4,10 +4,12 @@ Why columns: a training loop logs every step, and whatever a ``log()`` call leav
 it (a dict, a tuple) is a container the garbage collector counts. Enough of them start a collection, which in a
 PyTorch process walks every tensor, module and function alive: that was half of the measured cost of logging.
 Here a call appends to typed arrays (``array.array`` keeps raw machine numbers, invisible to the collector),
-per key, and the sender swaps the whole :class:`Columns` out at once.
+and the sender swaps the whole :class:`Columns` out at once.
 
-A column keeps each key's points in the order they were logged. A missing epoch is stored as NaN (an epoch is
-finite by contract, so NaN is free to mean "none").
+The arrays are kept per *set of keys* (a :class:`Block`), because a loop logs the same keys call after call:
+one row per call -- its epoch, time and values side by side -- and its step. A call is then two appends,
+whatever the number of keys. Rows keep the order they were logged in. A missing epoch is stored as
+NaN (an epoch is finite by contract, so NaN is free to mean "none").
 """
 
 from __future__ import annotations
@@ -18,92 +20,101 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Column", "Columns", "encode_points"]
+__all__ = ["Block", "Columns", "encode_points"]
 
 
-class Column:
-    """One key's points: four arrays of the same length."""
+class Block:
+    """The calls that logged exactly ``keys``, one row each: its step in ``steps``; its epoch, its time and its
+    values (in the order of ``keys``) side by side in ``rows``, ``2 + len(keys)`` numbers a row."""
 
-    __slots__ = ("epochs", "steps", "times", "values")
+    __slots__ = ("keys", "rows", "steps")
 
-    def __init__(self) -> None:
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
         self.steps = array("q")
-        self.values = array("d")
-        self.epochs = array("d")  # NaN: no epoch
-        self.times = array("d")
+        self.rows = array("d")
 
     def __len__(self) -> int:
         return len(self.steps)
 
-    def extend(self, other: Column) -> None:
+    def extend(self, other: Block) -> None:
         self.steps.extend(other.steps)
-        self.values.extend(other.values)
-        self.epochs.extend(other.epochs)
-        self.times.extend(other.times)
+        self.rows.extend(other.rows)
 
-    def cut(self, n: int) -> tuple[Column, Column]:
-        """The first ``n`` points and the rest, as two new columns."""
-        head, tail = Column(), Column()
+    def cut(self, n: int) -> tuple[Block, Block]:
+        """The first ``n`` rows and the rest, as two new blocks."""
+        head, tail = Block(self.keys), Block(self.keys)
+        cut = n * (2 + len(self.keys))
         head.steps, tail.steps = self.steps[:n], self.steps[n:]
-        head.values, tail.values = self.values[:n], self.values[n:]
-        head.epochs, tail.epochs = self.epochs[:n], self.epochs[n:]
-        head.times, tail.times = self.times[:n], self.times[n:]
+        head.rows, tail.rows = self.rows[:cut], self.rows[cut:]
         return head, tail
 
 
 class Columns:
-    """Points of several keys; ``calls`` counts the ``log()`` calls that added them (the sender's wake-up)."""
+    """Points of any keys; ``calls`` counts the ``log()`` calls that added them (the sender's wake-up)."""
 
-    __slots__ = ("calls", "keys", "points")
+    __slots__ = ("blocks", "calls", "points")
 
     def __init__(self) -> None:
-        self.keys: dict[str, Column] = {}
+        self.blocks: dict[tuple[str, ...], Block] = {}
         self.points = 0
         self.calls = 0
 
     def __bool__(self) -> bool:
         return self.points > 0
 
-    def column(self, key: str) -> Column:
-        column = self.keys.get(key)
-        if column is None:
-            column = self.keys[key] = Column()
-        return column
+    def block(self, keys: tuple[str, ...]) -> Block:
+        block = self.blocks.get(keys)
+        if block is None:
+            block = self.blocks[keys] = Block(keys)
+        return block
 
     def extend(self, other: Columns) -> None:
-        """Appends ``other``'s points after this one's (each key's order is kept)."""
-        for key, column in other.keys.items():
-            self.column(key).extend(column)
+        """Appends ``other``'s points after this one's (each block's order of rows is kept)."""
+        for keys, block in other.blocks.items():
+            self.block(keys).extend(block)
         self.points += other.points
         self.calls += other.calls
 
     def cut(self, n: int) -> tuple[Columns, Columns]:
-        """About the first ``n`` points (whole keys first, the last one split) and the rest."""
+        """About the first ``n`` points and the rest: whole rows, at least one (so that taking makes progress),
+        and fewer than one row's keys past ``n``."""
         head, tail = Columns(), Columns()
-        for key, column in self.keys.items():
+        full = False  # once a block is not taken whole, the rest is the tail: blocks keep their order
+        for keys, block in self.blocks.items():
+            width = len(keys)
+            size = len(block) * width
             room = n - head.points
-            if room >= len(column):
-                head.keys[key] = column
-                head.points += len(column)
-            elif room > 0:
-                head.keys[key], tail.keys[key] = column.cut(room)
-                head.points += room
-                tail.points += len(column) - room
+            rows = 0 if full else room // width if head.points else max(1, room // width)
+            if rows * width >= size:
+                head.blocks[keys] = block
+                head.points += size
+                continue
+            full = True
+            if rows > 0:
+                head.blocks[keys], tail.blocks[keys] = block.cut(rows)
+                head.points += rows * width
+                tail.points += size - rows * width
             else:
-                tail.keys[key] = column
-                tail.points += len(column)
+                tail.blocks[keys] = block
+                tail.points += size
         return head, tail
 
     def to_points(self) -> list[dict[str, Any]]:
         """The points in the wire form of ``POST /runs/{id}/metrics`` (non-finite values as strings)."""
         points: list[dict[str, Any]] = []
         append = points.append
-        for key, c in self.keys.items():
-            for step, value, epoch, t in zip(c.steps, c.values, c.epochs, c.times, strict=True):
-                point: dict[str, Any] = {"key": key, "step": step, "value": _wire_value(value), "time": t}
-                if epoch == epoch:
-                    point["epoch"] = epoch
-                append(point)
+        for keys, block in self.blocks.items():
+            stride = 2 + len(keys)
+            rows = block.rows
+            for i, step in enumerate(block.steps):
+                at = i * stride
+                epoch, t = rows[at], rows[at + 1]
+                for j, key in enumerate(keys, at + 2):
+                    point: dict[str, Any] = {"key": key, "step": step, "value": _wire_value(rows[j]), "time": t}
+                    if epoch == epoch:
+                        point["epoch"] = epoch
+                    append(point)
         return points
 
     def encode(self) -> bytes:

@@ -105,6 +105,10 @@ class Spool:
         self._lock_fd: int | None = None
         self.points_written = 0
         self.inherited_points = 0  # kept from earlier processes when this one opened the spool
+        # True once truncate_if_done found every data file sent and removed them; any write makes it False.
+        # The sender checks the spool every cycle: without this, that is a stat, an open and an unlink per file,
+        # each a system call that hands the GIL to the training thread and waits to get it back.
+        self._empty = False
 
     # --- ownership --------------------------------------------------------------------------------------
 
@@ -239,6 +243,7 @@ class Spool:
     def _rewrite(self, sources: list[Path], *, keep_through: int | None) -> tuple[int, int]:
         """Concatenates ``sources`` into ``inherited.jsonl`` (atomically), keeping whole, readable lines and
         points at steps <= ``keep_through``. Returns (points kept, lines written)."""
+        self._empty = False
         tmp = self.directory / (INHERITED + ".tmp")
         kept = lines = 0
         with tmp.open("wb") as out:
@@ -297,6 +302,7 @@ class Spool:
 
     def append(self, points: list[dict[str, Any]]) -> None:
         """Appends one batch to ``pending.jsonl`` in a single write (a crash can only cut the last line)."""
+        self._empty = False
         with self.pending_path.open("ab") as f:
             f.write(encode_batch(points) + b"\n")
         self.points_written += len(points)
@@ -319,6 +325,8 @@ class Spool:
             f.write(json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n")
 
     def has_pending(self) -> bool:
+        if self._empty:
+            return False
         return any(self._unsent(name) for name in self._offsets)
 
     def _unsent(self, name: str) -> bool:
@@ -330,6 +338,8 @@ class Spool:
     def batches(self) -> Iterator[tuple[bytes, str, int]]:
         """Yields ``(body, file, end_offset)`` for each unacknowledged whole line, inherited ones first; call
         :meth:`ack` after each."""
+        if self._empty:
+            return
         for name in (INHERITED, PENDING):
             try:
                 f = (self.directory / name).open("rb")
@@ -348,8 +358,13 @@ class Spool:
 
     def truncate_if_done(self) -> None:
         """Deletes the data files once all of them are acknowledged."""
+        if self._empty:
+            return
+        done = 0
         for name in self._offsets:
             if not self._unsent(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / name)
                 self._offsets[name] = 0
+                done += 1
+        self._empty = done == len(self._offsets)
