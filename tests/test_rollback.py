@@ -21,7 +21,9 @@ import torch
 import trainer
 from server.db import make_engine, make_session_factory, transaction
 from server.models import DetectorState
-from tests.conftest import LiveServer
+from server.settings import Settings
+from tests.conftest import LiveServer, free_port
+from tests.test_trainer_outage import LiveServerOnPort
 from trainer.loop import EpochStats, fit
 from trainer.recipes.mnist1d import load_data, make_task
 from trainer.torch import AppliedCommand, CommandApplier
@@ -195,6 +197,58 @@ def test_stage_checkpoint_then_rollback_restores_the_weights_and_rewinds_the_run
     assert held is not None and held.hold_until_step == at + BACKOFF
     kinds = [e["kind"] for e in client.get(f"/api/v1/runs/{run_id}/events", params={"limit": 200}).json()["data"]]
     assert "detector.held" in kinds and "decision.rolled_back" in kinds
+
+
+def test_a_rollback_that_arrives_before_an_outage_waits_for_the_server_and_keeps_every_step_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The rollback is delivered, then the server goes down with points not yet sent: the job must not load the
+    checkpoint while the server lacks points logged before it (they would land after the rewind, as if logged
+    after the rollback). It trains on; once the server is back the rollback applies, and every step is stored
+    once with the values of the trajectory it belongs to."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = LiveServerOnPort(settings, port).__enter__()
+    try:
+        run = trainer.start_run(
+            url, spool_dir=tmp_path / "spool", retry_max_s=0.3, command_wait_s=1.0, command_idle_s=0.3
+        )
+        with run, httpx.Client(base_url=url, timeout=10) as client:
+            assert run.id is not None
+            loop = Loop(run, tmp_path / "ckpts")
+            loop.applier.rollback_flush_s, loop.applier.rollback_retry_s = 0.3, 0.5
+            for step in range(1, 4):
+                loop.step(step)
+            assert client.post(f"/api/v1/runs/{run.id}/commands", json={"action": "decay", "factor": 0.1}).is_success
+            _, at = loop.until_applied(4)
+            for step in range(at + 1, at + 6):
+                loop.step(step)
+            assert run.flush(15)
+            (checkpoint,) = client.get(f"/api/v1/runs/{run.id}/checkpoints").json()["data"]
+            rollback = client.post(f"/api/v1/runs/{run.id}/rollback", json={"checkpoint_id": checkpoint["id"]})
+            assert rollback.status_code == 201, rollback.text
+            wait_for(lambda: [c.id for c in run.pending_commands()] == [rollback.json()["id"]])  # delivered
+            first.__exit__(None, None, None)
+
+            down_from = at + 6
+            for step in range(down_from, down_from + 5):  # each logs a point first: the server lacks it
+                assert loop.step(step) == [], "the rollback was applied while the server lacked points"
+            with LiveServerOnPort(settings, port):
+                undone, applied_at = loop.until_applied(down_from + 5)
+                assert (undone.action, undone.status, undone.step) == ("rollback", "applied", at)
+                loop.phase = 1.0
+                for step in range(at + 1, at + 16):
+                    loop.step(step)
+                assert run.flush(15)
+                phase = series(client, run.id, "phase")
+                rewinds = client.get(f"/api/v1/runs/{run.id}/rewinds").json()["data"]
+                statuses = [d["status"] for d in client.get(f"/api/v1/runs/{run.id}/decisions").json()]
+    finally:
+        first.__exit__(None, None, None)
+    assert phase == {s: (0.0 if s <= at else 1.0) for s in range(1, at + 16)}
+    assert [(r["step"], r["removed"]["phase"]) for r in rewinds] == [(at, applied_at - at)]  # all of them stored
+    assert statuses == ["rolled_back", "applied"]
+    assert not (tmp_path / "spool" / "rejected.jsonl").exists()
 
 
 def test_rollback_holds_a_live_detector_that_does_not_propose_the_undone_decay_again(

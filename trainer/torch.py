@@ -43,7 +43,8 @@ Stage checkpoints and rollback (``model=`` and ``checkpoint_dir=``, or your own 
   (``load_checkpoint(uri)``, or the default loader: model, optimizer and scheduler state, so parameters and LR
   are exactly the saved ones), and :attr:`CommandApplier.rewound_to` tells the loop the step it now stands at:
   the next step it runs is ``rewound_to + 1``. Rank 0 first makes sure the server has every point logged so far
-  (``run.flush``; if it cannot within ``rollback_flush_s`` the rollback waits for a later step), then the run is
+  (``run.flush``; if it cannot within ``rollback_flush_s`` the rollback waits and is tried again at the first
+  step ``rollback_retry_s`` later), then the run is
   rewound to the checkpoint's step and the rollback acknowledged, before anything logged afterwards is sent: the
   steps after it are logged afresh, the old ones are in the audit log. The data loader is not rewound: the loop
   decides which batches follow.
@@ -137,6 +138,7 @@ class CommandApplier:
         save_checkpoint: SaveHook | None = None,
         load_checkpoint: LoadHook | None = None,
         rollback_flush_s: float = 10.0,
+        rollback_retry_s: float = 30.0,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -152,6 +154,7 @@ class CommandApplier:
         self._save_hook = save_checkpoint
         self._load_hook = load_checkpoint
         self.rollback_flush_s = rollback_flush_s
+        self.rollback_retry_s = rollback_retry_s
         self.should_stop = False
         self.applied: dict[int, AppliedCommand] = {}
         # After a rollback applied by the last step(): the step the job stands at now (the loop's next is +1).
@@ -203,9 +206,11 @@ class CommandApplier:
             if command.action != "rollback":
                 continue
             flush: Callable[[float], bool] | None = getattr(self.run, "flush", None)
-            if time.monotonic() >= self._rollback_not_before and (flush is None or flush(self.rollback_flush_s)):
+            if time.monotonic() < self._rollback_not_before:
+                return todo[:i]  # the last try failed a moment ago: training goes on meanwhile
+            if flush is None or flush(self.rollback_flush_s):
                 return todo
-            self._rollback_not_before = time.monotonic() + 30.0  # training goes on meanwhile; try again then
+            self._rollback_not_before = time.monotonic() + self.rollback_retry_s
             logger.warning("stagewatch: rollback %s waits until the server has every point logged", command.id)
             return todo[:i]
         return todo
