@@ -107,14 +107,18 @@ class Columns:
         for keys, block in self.blocks.items():
             stride = 2 + len(keys)
             rows = block.rows
+            # NaN and infinities travel as strings; a sum over each key's values (in C) tells whether any is there,
+            # so that the usual case builds each point with no call per value.
+            exact = all(math.isfinite(sum(rows[j::stride])) for j in range(2, stride))
             for i, step in enumerate(block.steps):
                 at = i * stride
                 epoch, t = rows[at], rows[at + 1]
                 for j, key in enumerate(keys, at + 2):
-                    point: dict[str, Any] = {"key": key, "step": step, "value": _wire_value(rows[j]), "time": t}
+                    value: float | str = rows[j] if exact else _wire_value(rows[j])
                     if epoch == epoch:
-                        point["epoch"] = epoch
-                    append(point)
+                        append({"key": key, "step": step, "value": value, "time": t, "epoch": epoch})
+                    else:
+                        append({"key": key, "step": step, "value": value, "time": t})
         return points
 
     def encode(self) -> bytes:
