@@ -6,12 +6,12 @@ returns the row already there: a worker retrying after a lost answer never makes
 
 A rollback is a command like a decay (a decision with action ``rollback``, approved at once, delivered and
 acknowledged through ``server.store.commands``). Nothing changes on the server until the worker acknowledges it
-as applied: the worker has loaded the checkpoint then, and :func:`finish_rollback`, in the same transaction as the
-acknowledgement, makes sure the run is rewound to the checkpoint's step (the Python client rewinds it itself just
-before; points after it go to the audit log), marks the decisions applied since ``rolled_back``, rebuilds the
-detector silently from the points that remain and holds it for the backoff. A rewind alone already rebuilds the
-detector without letting it act on the past (``server.store.detection.forget``), so no pass between the two
-proposes the decay that is being undone; the hold keeps it from proposing it again at once.
+as applied: the worker has loaded the checkpoint then, and has rewound the run to the checkpoint's step just before
+(``POST /runs/{id}/rewind``: points after it go to the audit log). :func:`finish_rollback`, in the same transaction
+as the acknowledgement, marks the decisions applied since ``rolled_back``, rebuilds the detector silently from the
+points that remain and holds it for the backoff. A rewind alone already rebuilds the detector without letting it
+act on the past (``server.store.detection.forget``), so no pass between the two proposes the decay that is being
+undone; the hold keeps it from proposing it again at once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from server.models import Checkpoint, Decision, Event, MetricPoint, Run, Series,
 from server.schemas import CheckpointCreate, CheckpointPublic, RollbackRequest, Span, encode_stored_value
 from server.store import decisions, detection
 from server.store.feed import add_feed_event
-from server.store.metrics import REWOUND, rewind
+from server.store.metrics import REWOUND
 
 ROLLED_BACK = "rolled_back"
 # Decisions that change the LR: the ones a rollback to before their applied step undoes.
@@ -167,21 +167,15 @@ def queue_rollback(session: Session, run: Run, data: RollbackRequest, *, actor: 
 
 
 def finish_rollback(session: Session, run: Run, command: Decision, *, actor: str) -> None:
-    """The worker loaded the checkpoint of ``command`` (acknowledged as applied): rewind the run to its step, mark
-    what was applied since ``rolled_back``, rebuild the detector from what remains and hold it for the backoff."""
+    """The worker loaded the checkpoint of ``command`` (acknowledged as applied): mark what was applied since
+    ``rolled_back``, rebuild the detector from what remains and hold it for the backoff."""
     checkpoint = command.checkpoint
     assert checkpoint is not None, "a rollback command carries its checkpoint"
     step = int(checkpoint["step"])
-    latest = current_step(session, run.id)
-    if latest is not None and latest > step:
-        # A worker that did not rewind the run itself (the Python client does, just before this acknowledgement,
-        # so that its spool knows the rewind): the points after the checkpoint go to the audit log here.
-        event_id: int | None = rewind(
-            session, run, step, reason=f"rollback to checkpoint {checkpoint['id']} (command {command.id})", actor=actor
-        ).event_id
-        add_feed_event(session, run.id, "run", {"change": "rewind", "step": step})
-    else:
-        event_id = session.scalar(select(func.max(Event.id)).where(Event.run_id == run.id, Event.kind == REWOUND))
+    # The worker rewound the run to the checkpoint's step just before (POST /runs/{id}/rewind: the Python client
+    # does, so that its spool knows the rewind). Not here: an acknowledgement repeated by a job resumed from a
+    # later checkpoint would rewind away what it trained since the rollback.
+    event_id = session.scalar(select(func.max(Event.id)).where(Event.run_id == run.id, Event.kind == REWOUND))
     detection.forget(session, run.id)  # the detector rebuilt silently from the points up to the checkpoint
     # A proposal made while the rollback travelled judged the trajectory it abandons.
     decisions.supersede_waiting(session, run.id, by=command.id, actor=actor)
