@@ -350,7 +350,9 @@ class Run:
             if type(value) is not float:
                 values = _checked_values(values)
                 break
-        if epoch is None:
+        if type(epoch) is float and 0.0 <= epoch < math.inf:  # the usual case first: step / steps_per_epoch
+            epoch_value = epoch
+        elif epoch is None:
             epoch_value = math.nan  # "no epoch" in trainer.columns
         elif (type(epoch) in _FAST_TYPES and 0 <= epoch < math.inf) or (
             isinstance(epoch, numbers.Real) and epoch >= 0 and epoch != math.inf
