@@ -16,8 +16,8 @@ order, each step only after the previous one went through:
 A batch leaves the buffer only once the server has stored it (or refused it for good, then it is kept in
 ``rejected.jsonl``): any failure or exception puts it back in front, in order. A timeout whose request did
 reach the server is harmless, because the resend is an idempotent no-op there. When the buffer passes
-``max_memory_points`` the oldest half goes to the spool; when the queue passes ``max_queue`` while this thread
-is stuck in a request, ``log()`` hands the columns to a spiller thread that writes it to the spool. Both threads
+``max_memory_points`` the oldest half goes to the spool; when more than ``max_queue`` calls wait while this thread
+is stuck in a request, ``log()`` hands the columns to a spiller thread that writes them to the spool. Both threads
 end in :meth:`Sender.stop`.
 """
 
