@@ -475,14 +475,14 @@ def command_line() -> str:
     return shlex.join(sys.orig_argv)
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN: a missing measurement is written as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -499,7 +499,7 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
         "machine": machine_info(),
         **payload,
     }
-    path.write_text(json.dumps(_clean(document), indent=2, allow_nan=False, default=str) + "\n")
+    path.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False, default=str) + "\n")
     print(f"\nwrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
     return path
 

@@ -321,16 +321,6 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def render_html(doc: dict[str, Any], notes: dict[str, str]) -> str:
     figures = {"fig-a": figure_a(doc), "fig-b": figure_b(doc), "fig-c": figure_c(doc), "fig-d": figure_d(doc)}
     rows = claim_rows(doc)
@@ -353,7 +343,7 @@ def render_html(doc: dict[str, Any], notes: dict[str, str]) -> str:
         )
     t = doc["timing"]
     summary = _html_table(["claim", "the paper", "measured here", "here"], rows)
-    payload = json.dumps(_clean(figures), allow_nan=False).replace("</", "<\\/")
+    payload = json.dumps(harness.json_safe(figures), allow_nan=False).replace("</", "<\\/")
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in doc["problems"]) or "<li>none</li>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Learning Stages (arXiv 1908.01878) reproduced on MNIST-1D</title>
@@ -453,7 +443,7 @@ def notes(doc: dict[str, Any]) -> dict[str, str]:
 def write_all(doc: dict[str, Any], out_dir: Path, *, png: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "paper.json"
-    json_path.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False, default=str) + "\n")
+    json_path.write_text(json.dumps(harness.json_safe(doc), indent=1, allow_nan=False, default=str) + "\n")
     html_path = out_dir / "paper.html"
     html_path.write_text(render_html(doc, notes(doc)))
     md_path = out_dir / "summary.md"
