@@ -23,6 +23,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from playwright.sync_api import Browser, sync_playwright
+from sqlalchemy import Engine
 
 from benchmarks.bench_dashboard import CHROMIUM, CHROMIUM_ARGS
 from server.app import create_app
@@ -54,6 +55,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on this test's own empty database (``db_url``), disposed afterwards."""
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _database_url(name: str) -> str:

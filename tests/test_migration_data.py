@@ -8,12 +8,9 @@ time from head to the first one and counts the child rows after each step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from sqlalchemy import Engine, inspect, text
 
-from server.db import make_engine, make_session_factory, transaction
+from server.db import make_session_factory, transaction
 from server.migrate import downgrade, upgrade
 from server.schemas import PointIn, RunCreate
 from server.store import decisions as decision_store
@@ -23,15 +20,6 @@ from tests.test_migrations import revisions_base_to_head
 
 # Tables of the first revision that hold a run's data; they exist at every revision.
 CHILD_TABLES = ("run_tags", "series", "metric_points", "decisions")
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def row_counts(engine: Engine) -> dict[str, int]:

@@ -4,7 +4,6 @@ base and up again, and the start-up schema check that refuses an out-of-date or 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
 
 from server.app import create_app
-from server.db import make_engine
 from server.migrate import (
     SchemaOutOfDate,
     alembic_config,
@@ -27,15 +25,6 @@ from server.migrate import (
 )
 from server.models import Base
 from server.settings import Settings
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def schema_diff(engine: Engine) -> list[Any]:
