@@ -289,10 +289,11 @@ def _loss(stage: int, epoch_in_stage: int) -> float:
 def _metric_step(body: bytes) -> int | None:
     """The step of the monitored metric in a metrics post, if it carries one."""
     try:
-        points = json.loads(body)["points"]
-    except (ValueError, KeyError, TypeError):
+        batch = json.loads(body)
+        steps = [int(p["step"]) for p in batch.get("points", ()) if p.get("key") == METRIC]
+        steps += [int(step) for t in batch.get("tables", ()) if METRIC in t["keys"] for step in t["steps"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    steps = [int(p["step"]) for p in points if p.get("key") == METRIC]
     return max(steps) if steps else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import csv
 import io
 import math
@@ -138,7 +139,9 @@ def test_conflicting_batch_is_rejected_into_the_spool_not_retried(
         assert run.flush(timeout=10)
     assert run.points_rejected == 1
     (line,) = (tmp_path / "rejected.jsonl").read_text().splitlines()
-    assert '"status_code":409' in line and '"value":2.0' in line
+    record = json.loads(line)  # the batch as sent (the column-wise form), with the server's answer
+    assert record["status_code"] == 409 and "tables[0].values[0][0]: key 'loss' step 0" in record["detail"]
+    assert [(t["keys"], t["steps"], t["values"]) for t in record["batch"]["tables"]] == [(["loss"], [0], [[2.0]])]
     assert any("refused a batch" in r.getMessage() for r in caplog.records)
     assert client.get(f"/api/v1/runs/{run.id}").json()["latest"]["loss"]["value"] == 1.0
 

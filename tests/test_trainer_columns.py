@@ -26,21 +26,41 @@ def _ids(points: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return [(p["key"], p["step"]) for p in points]
 
 
-def test_wire_form_of_every_kind_of_value() -> None:
+def _three_rows() -> Columns:
     columns = Columns()
     _add(columns, ("loss", "lr"), 3, [math.nan, math.inf], epoch=0.5)
     _add(columns, ("loss", "lr"), 4, [-math.inf, 0.1])
     _add(columns, ("acc",), 4, [0.9], epoch=1.0)
-    body = json.loads(columns.encode())
+    _add(columns, ("step_time",), 4, [0.01])
+    return columns
+
+
+def test_wire_form_of_every_kind_of_value() -> None:
+    body = json.loads(_three_rows().encode())
     assert body == {
-        "points": [
-            {"key": "loss", "step": 3, "value": "NaN", "time": 1.7e9 + 3, "epoch": 0.5},
-            {"key": "lr", "step": 3, "value": "Infinity", "time": 1.7e9 + 3, "epoch": 0.5},
-            {"key": "loss", "step": 4, "value": "-Infinity", "time": 1.7e9 + 4},
-            {"key": "lr", "step": 4, "value": 0.1, "time": 1.7e9 + 4},
-            {"key": "acc", "step": 4, "value": 0.9, "time": 1.7e9 + 4, "epoch": 1.0},
+        "tables": [
+            {
+                "keys": ["loss", "lr"],
+                "steps": [3, 4],
+                "values": [["NaN", "-Infinity"], ["Infinity", 0.1]],
+                "epochs": [0.5, None],
+                "times": [1.7e9 + 3, 1.7e9 + 4],
+            },
+            {"keys": ["acc"], "steps": [4], "values": [[0.9]], "epochs": [1.0], "times": [1.7e9 + 4]},
+            {"keys": ["step_time"], "steps": [4], "values": [[0.01]], "times": [1.7e9 + 4]},  # no epoch at all
         ]
     }
+
+
+def test_spool_form_of_every_kind_of_value() -> None:
+    assert _three_rows().to_points() == [
+        {"key": "loss", "step": 3, "value": "NaN", "time": 1.7e9 + 3, "epoch": 0.5},
+        {"key": "lr", "step": 3, "value": "Infinity", "time": 1.7e9 + 3, "epoch": 0.5},
+        {"key": "loss", "step": 4, "value": "-Infinity", "time": 1.7e9 + 4},
+        {"key": "lr", "step": 4, "value": 0.1, "time": 1.7e9 + 4},
+        {"key": "acc", "step": 4, "value": 0.9, "time": 1.7e9 + 4, "epoch": 1.0},
+        {"key": "step_time", "step": 4, "value": 0.01, "time": 1.7e9 + 4},
+    ]
 
 
 @pytest.mark.parametrize("seed", range(20))

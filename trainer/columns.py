@@ -121,9 +121,32 @@ class Columns:
                         append({"key": key, "step": step, "value": value, "time": t})
         return points
 
+    def to_tables(self) -> list[dict[str, Any]]:
+        """The points in the column-wise wire form of ``POST /runs/{id}/metrics``: a table per block. A block's
+        rows are sliced out of its array in C; only a column holding NaN or an infinity is looked at per value."""
+        tables: list[dict[str, Any]] = []
+        for keys, block in self.blocks.items():
+            stride = 2 + len(keys)
+            rows = block.rows
+            table: dict[str, Any] = {"keys": list(keys), "steps": block.steps.tolist()}
+            values = []
+            for j in range(2, stride):
+                column = rows[j::stride]
+                values.append(column.tolist() if math.isfinite(sum(column)) else list(map(_wire_value, column)))
+            table["values"] = values
+            epochs = rows[0::stride]
+            if epochs == epochs:  # no NaN ("no epoch") at all: the usual case, as is
+                table["epochs"] = epochs.tolist()
+            elif any(e == e for e in epochs):
+                table["epochs"] = [e if e == e else None for e in epochs]
+            table["times"] = rows[1::stride].tolist()
+            tables.append(table)
+        return tables
+
     def encode(self) -> bytes:
-        """The request body ``{"points": [...]}`` of these points."""
-        return encode_points(self.to_points())
+        """The request body ``{"tables": [...]}`` of these points: half the bytes of the ``points`` form, and
+        cheaper to build here (no object per point) and to check on the server."""
+        return orjson.dumps({"tables": self.to_tables()})
 
 
 def _wire_value(value: float) -> float | str:

@@ -382,7 +382,7 @@ class Sender:
                 return True
             stored = False
             try:
-                stored = self._post(self.spool, batch.encode())
+                stored = self._post(self.spool, batch.encode(), batch.points)
             finally:  # whatever happened (an error, an exception), a batch not stored goes back in front
                 with self._lock:
                     self._sending = False
@@ -392,8 +392,9 @@ class Sender:
             if not stored:
                 return False
 
-    def _post(self, spool: Spool, body: bytes) -> bool:
-        """Sends one batch of ``spool``'s run. True when it is stored, or refused for good and kept aside."""
+    def _post(self, spool: Spool, body: bytes, points: int | None = None) -> bool:
+        """Sends one batch of ``spool``'s run (``points`` in it; counted in the body, of the ``points`` form, when
+        None). True when it is stored, or refused for good and kept aside."""
         run_id = spool.meta.run_id
         assert run_id is not None
         response = self._client.post_metrics(run_id, body)
@@ -412,7 +413,7 @@ class Sender:
             with self._lock:
                 spool.reject(body, code, detail)
                 if spool is self.spool:
-                    self.points_rejected += body.count(b'"key"')
+                    self.points_rejected += body.count(b'"key"') if points is None else points
             logger.warning(
                 "stagewatch: the server refused a batch of run %s (HTTP %s: %s); it is kept in %s and not retried",
                 run_id,

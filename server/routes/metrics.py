@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -28,6 +29,7 @@ from server.schemas import (
 )
 from server.state import AppState, State
 from server.store import metrics as store
+from server.store.batch import from_request
 from server.store.commands import take_pending
 from server.store.detection import forget
 from server.store.export import MEDIA_TYPES, ExportFormat, export_points
@@ -74,13 +76,15 @@ def _ingest(state: AppState, run_id: int, body: bytes, credentials: HTTPAuthoriz
         batch = metric_batch_adapter.validate_json(body)
     except ValidationError as exc:
         raise invalid_from(exc.errors()) from None
-    points = batch["points"]
     limit = state.settings.max_points_per_batch
-    if len(points) > limit:
-        raise PayloadTooLarge(f"points: {len(points)} points in one batch, the limit is {limit}; split the batch")
+    count = len(batch.get("points") or ()) + sum(len(t["keys"]) * len(t["steps"]) for t in batch.get("tables") or ())
+    if count > limit:
+        form = "points" if "points" in batch else "tables"
+        raise PayloadTooLarge(f"{form}: {count} points in one batch, the limit is {limit}; split the batch")
+    columns = from_request(batch, time.time())  # 422 for a body in neither form or a table of the wrong shape
     with transaction(state.sessions, write=True) as session:
         touch_run(session, run_id)  # the run's lock, its heartbeat, or a 404
-        result = store.ingest_points(session, run_id, points)
+        result = store.ingest_batch(session, run_id, columns)
         # The worker is talking to us anyway: hand it what is waiting for it.
         result.commands = [CommandPublic.model_validate(c, from_attributes=True) for c in take_pending(session, run_id)]
     # Encoded here, in the worker thread: FastAPI would validate the returned model again and encode it on the
@@ -90,11 +94,15 @@ def _ingest(state: AppState, run_id: int, body: bytes, credentials: HTTPAuthoriz
 
 @router.post("/{run_id}/metrics", response_model=IngestResult, openapi_extra=_openapi_body(BATCH_SCHEMA))
 async def ingest_metrics(run_id: RunId, request: Request, state: State, credentials: Credentials) -> Response:
-    """Store a batch of points, all or nothing.
+    """Store a batch of points, all or nothing, in either of two forms.
 
-    `{"points": [{"key": "loss", "step": 10, "value": 0.5, "epoch": 0.1, "time": 1732780800.0}]}`.
-    Values may be `"NaN"`, `"Infinity"` or `"-Infinity"`. Resending a stored point unchanged is a no-op,
-    reported in `duplicates`; a different value for a stored (key, step) is a 409 naming the point.
+    An object per point: `{"points": [{"key": "loss", "step": 10, "value": 0.5, "epoch": 0.1, "time": 1732780800.0}]}`.
+    Column-wise (half the bytes, several times cheaper to check): `{"tables": [{"keys": ["loss", "lr"], "steps": [10,
+    11], "values": [[0.5, 0.48], [0.1, 0.1]], "epochs": [0.1, 0.11], "times": [1732780800.0, 1732780800.2]}]}`,
+    a value per key and step; `epochs` and `times` may be left out or hold nulls.
+    Values may be `"NaN"`, `"Infinity"` or `"-Infinity"`. Missing times are the arrival time. Resending a stored
+    point unchanged is a no-op, reported in `duplicates`; a different value for a stored (key, step) is a 409 naming
+    the point (`conflicts[].where`: `points[3]`, `tables[0].values[1][5]`).
     """
     # The body is validated straight from bytes by pydantic-core: 5x faster than FastAPI's
     # parse-then-validate path, which is most of the cost of a 10,000-point batch.

@@ -12,10 +12,11 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from server.errors import Conflict, Invalid
+from server.errors import Conflict
 from server.models import Event, MetricPoint, Run, Series
-from server.schemas import IngestResult, PointIn, RewindPublic, decode_value, encode_stored_value
+from server.schemas import IngestResult, PointIn, RewindPublic, encode_stored_value
 from server.store import rollups
+from server.store.batch import Batch, Column, from_points, same
 from server.store.events import record_event
 from server.store.feed import insert_feed_event
 from server.store.points import (
@@ -28,81 +29,6 @@ from server.store.points import (
     values_at,
 )
 from server.store.runs import heartbeat
-
-
-@dataclass
-class _Column:
-    """The points of one key within a batch, column-wise, deduplicated; ``index`` is each point's position in
-    the request (for error messages). Column lists, built with C-level map/zip, keep a 10,000-point batch
-    to a few milliseconds of Python."""
-
-    key: str
-    index: list[int]
-    steps: list[int]
-    values: list[float | None]  # None is NaN, as stored
-    epochs: list[float | None]
-    times: list[float]
-
-    def take(self, keep: Sequence[int]) -> _Column:
-        return _Column(
-            self.key,
-            [self.index[j] for j in keep],
-            [self.steps[j] for j in keep],
-            [self.values[j] for j in keep],
-            [self.epochs[j] for j in keep],
-            [self.times[j] for j in keep],
-        )
-
-
-def _same(a: float | None, b: float | None) -> bool:
-    return a == b or (a is None and b is None)
-
-
-def _columns(points: Sequence[PointIn], now: float) -> list[_Column]:
-    keys = list(map(itemgetter("key"), points))
-    steps = list(map(itemgetter("step"), points))
-    # NaN is stored as None: a float NaN (from Python callers; JSON sends "NaN") must compare equal to it on resend.
-    values = [None if v != v else v for v in map(decode_value, map(itemgetter("value"), points))]
-    epochs = [p.get("epoch") for p in points]
-    times = [now if t is None else t for t in (p.get("time") for p in points)]
-    positions: dict[str, list[int]] = {}
-    if len(set(keys)) == 1:
-        positions[keys[0]] = list(range(len(keys)))
-    else:
-        for i, key in enumerate(keys):
-            positions.setdefault(key, []).append(i)
-    columns = []
-    for key, idx in positions.items():
-        column = _Column(
-            key,
-            idx,
-            [steps[i] for i in idx],
-            [values[i] for i in idx],
-            [epochs[i] for i in idx],
-            [times[i] for i in idx],
-        )
-        if len(set(column.steps)) != len(column.steps):
-            column = _dedupe(column)
-        columns.append(column)
-    return columns
-
-
-def _dedupe(column: _Column) -> _Column:
-    """Drop repeats of a (key, step) within one batch; a repeat with another value is an error."""
-    first: dict[int, int] = {}
-    keep = []
-    for j, step in enumerate(column.steps):
-        seen = first.get(step)
-        if seen is None:
-            first[step] = j
-            keep.append(j)
-        elif not _same(column.values[seen], column.values[j]):
-            raise Invalid(
-                f"points[{column.index[j]}]: key {column.key!r} step {step} appears twice in the batch with "
-                f"different values (points[{column.index[seen]}] has {encode_stored_value(column.values[seen])}, "
-                f"this one {encode_stored_value(column.values[j])})"
-            )
-    return column.take(keep)
 
 
 @dataclass(slots=True)
@@ -163,13 +89,18 @@ def _save_series(session: Session, rows: Sequence[_SeriesRow]) -> None:
 
 
 def ingest(session: Session, run: Run, points: Sequence[PointIn]) -> IngestResult:
-    """Store a batch into ``run`` (loaded with the ORM) and record its heartbeat; see :func:`ingest_points`."""
+    """Store a batch into ``run`` (loaded with the ORM) and record its heartbeat; see :func:`ingest_batch`."""
     result = ingest_points(session, run.id, points)
     heartbeat(run)
     return result
 
 
 def ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> IngestResult:
+    """:func:`ingest_batch` of points in the ``points`` form."""
+    return ingest_batch(session, run_id, from_points(points, time.time()))
+
+
+def ingest_batch(session: Session, run_id: int, batch: Batch) -> IngestResult:
     """Store a batch. Identical resends are counted as duplicates; a changed value is a 409 and the whole
     batch is rejected, so a failed request changes nothing. The caller holds the run's lock
     (:func:`server.store.runs.touch_run` or ``get_run(..., for_update=True)``) and records its heartbeat.
@@ -178,21 +109,21 @@ def ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> I
     and ORM objects loaded before are expired afterwards (they must not keep series counts this changed)."""
     session.flush()
     try:
-        return _ingest_points(session, run_id, points)
+        return _ingest(session, run_id, batch)
     finally:
         if len(session.identity_map):
             session.expire_all()
 
 
-def _ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> IngestResult:
-    columns = _columns(points, time.time())
+def _ingest(session: Session, run_id: int, batch: Batch) -> IngestResult:
+    columns = batch.columns
     series = _series_for(session, run_id, [c.key for c in columns])
-    fresh: list[tuple[_SeriesRow, _Column]] = []
+    fresh: list[tuple[_SeriesRow, Column]] = []
     conflicts: list[dict[str, Any]] = []
     for column in columns:
         s = series[column.key]
         if s.last_step is not None and min(column.steps) <= s.last_step:
-            new, clashes = _split_stored(session, s.id, column)
+            new, clashes = _split_stored(session, s.id, column, batch)
             conflicts += clashes
         else:
             new = column  # pure append, the common case: nothing can be stored there yet
@@ -202,7 +133,7 @@ def _ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> 
         conflicts.sort(key=itemgetter("index"))
         c = conflicts[0]
         raise Conflict(
-            f"points[{c['index']}]: key {c['key']!r} step {c['step']} is already stored with value {c['stored']}, "
+            f"{c['where']}: key {c['key']!r} step {c['step']} is already stored with value {c['stored']}, "
             f"not {c['sent']}; nothing in this batch was stored. Resend points unchanged, or rewind the run "
             "(POST /api/v1/runs/{id}/rewind) to replace them.",
             extra={"conflicts": conflicts[:20]},
@@ -221,13 +152,13 @@ def _ingest_points(session: Session, run_id: int, points: Sequence[PointIn]) -> 
             rollups.add_points(session, [(s.id, new.steps, new.values) for s, new in fresh])
             _save_series(session, [s for s, _ in fresh])
             insert_feed_event(session, run_id, "points", {"keys": {s.key: _feed_summary(new) for s, new in fresh}})
-    return IngestResult(accepted=len(points), inserted=inserted, duplicates=len(points) - inserted)
+    return IngestResult(accepted=batch.count, inserted=inserted, duplicates=batch.count - inserted)
 
 
 FEED_POINTS = 64  # a batch this small per key carries its points in the live event: no refetch needed
 
 
-def _feed_summary(column: _Column) -> dict[str, Any]:
+def _feed_summary(column: Column) -> dict[str, Any]:
     steps = column.steps
     summary: dict[str, Any] = {"count": len(steps), "first_step": min(steps), "last_step": max(steps)}
     if len(steps) <= FEED_POINTS:
@@ -238,7 +169,9 @@ def _feed_summary(column: _Column) -> dict[str, Any]:
     return summary
 
 
-def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_Column, list[dict[str, Any]]]:
+def _split_stored(
+    session: Session, series_id: int, column: Column, batch: Batch
+) -> tuple[Column, list[dict[str, Any]]]:
     """The points of ``column`` not stored yet, and those stored with another value (conflicts)."""
     stored = values_at(session, series_id, column.steps)
     keep = []
@@ -246,10 +179,11 @@ def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_C
     for j, step in enumerate(column.steps):
         if step not in stored:
             keep.append(j)
-        elif not _same(stored[step], column.values[j]):
+        elif not same(stored[step], column.values[j]):
             conflicts.append(
                 {
                     "index": column.index[j],
+                    "where": batch.where(column.index[j]),
                     "key": column.key,
                     "step": step,
                     "stored": encode_stored_value(stored[step]),
@@ -259,7 +193,7 @@ def _split_stored(session: Session, series_id: int, column: _Column) -> tuple[_C
     return column.take(keep), conflicts
 
 
-def _advance_latest(s: _SeriesRow, new: _Column) -> None:
+def _advance_latest(s: _SeriesRow, new: Column) -> None:
     s.point_count += len(new.steps)
     top = max(range(len(new.steps)), key=new.steps.__getitem__)
     if s.last_step is None or new.steps[top] > s.last_step:
