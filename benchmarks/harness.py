@@ -300,6 +300,25 @@ def encode(points: list[dict[str, Any]]) -> bytes:
     return json.dumps({"points": points}, separators=(",", ":"), allow_nan=False).encode()
 
 
+def encode_tables(points: list[dict[str, Any]]) -> bytes:
+    """The same points in the column-wise form (``{"tables": [...]}``), a table per key."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        by_key.setdefault(point["key"], []).append(point)
+    tables = []
+    for key, group in by_key.items():
+        table: dict[str, Any] = {
+            "keys": [key],
+            "steps": [p["step"] for p in group],
+            "values": [[p["value"] for p in group]],
+        }
+        for name, field_name in (("epochs", "epoch"), ("times", "time")):
+            if any(field_name in p for p in group):
+                table[name] = [p.get(field_name) for p in group]
+        tables.append(table)
+    return json.dumps({"tables": tables}, separators=(",", ":"), allow_nan=False).encode()
+
+
 def training_batch(rng: random.Random, keys: Sequence[str], first_step: int, steps: int) -> list[dict[str, Any]]:
     """``steps`` consecutive steps of a training loop logging every key at each step."""
     points: list[dict[str, Any]] = []

@@ -130,6 +130,9 @@ def _install_phases(phases: Phases) -> None:
 
     # Ingest: the route's worker-thread function, body validation, and the store's steps.
     patch(routes, "_ingest", "route: _ingest (worker thread, incl. validation and commit)")
+    import server.ingest_route as ingest_route  # the fast route calls its own reference to it
+
+    patch(ingest_route, "_ingest", "route: _ingest (worker thread, incl. validation and commit)")
     adapter = getattr(routes, "metric_batch_adapter")  # noqa: B009
     timed_validate = phases.wrap("ingest: metric_batch_adapter.validate_json", adapter.validate_json)
 
@@ -143,10 +146,8 @@ def _install_phases(phases: Phases) -> None:
     setattr(routes, "metric_batch_adapter", TimedAdapter())  # noqa: B010
     patch(routes, "get_run", "get_run")
     patch(metrics, "ingest", "ingest: store.ingest")
-    for name in (
-        "_group", "_columns", "_dedupe", "_series_for", "_split_stored", "_stored_values",
-        "_advance_latest", "_bulk_insert", "heartbeat",
-    ):  # fmt: skip
+    patch(routes, "from_request", "ingest: batch.from_request (the body as columns)")
+    for name in ("_series_for", "_split_stored", "_advance_latest", "heartbeat"):
         patch(metrics, name, f"ingest: {name}")
     patch(rollups, "add_points", "ingest: rollups.add_points")
     patch(rollups, "summarise", "ingest: rollups.summarise (Python)")
@@ -282,9 +283,10 @@ def drive(workload: str, client: Any, args: argparse.Namespace) -> dict[str, Any
     timings: list[float] = []
     if workload == "ingest":
         rng = random.Random(args.seed)
-        keys = bench_ingest.KEYS
+        keys = bench_ingest.KEYS[: args.keys]
         steps = args.batch_size // len(keys)
-        bodies = [harness.encode(harness.training_batch(rng, keys, i * steps, steps)) for i in range(2 + args.batches)]
+        encode = harness.encode_tables if args.form == "tables" else harness.encode
+        bodies = [encode(harness.training_batch(rng, keys, i * steps, steps)) for i in range(2 + args.batches)]
         for body in bodies[:2]:
             harness.check_status(harness.post_points(client, run_id, body))
         harness.check_status(client.post(RESET_PATH))
@@ -343,10 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--batches", type=harness.positive_int, default=30, help="ingest: timed batches")
     parser.add_argument("--batch-size", type=harness.positive_int, default=10_000, help="ingest: points per batch")
+    parser.add_argument("--form", choices=["points", "tables"], default="points", help="ingest: the body's form")
+    parser.add_argument("--keys", type=harness.positive_int, default=4, help="ingest: keys per batch (at most 4)")
     parser.add_argument("--points", type=harness.positive_int, default=1_000_000, help="query/export: series size")
     parser.add_argument("--requests", type=harness.positive_int, default=20, help="query: timed requests")
     parser.add_argument("--top", type=int, default=30, help="cprofile: rows to print (default 30)")
     parser.add_argument("--sort", default="tottime", help="cprofile: pstats sort key (default tottime)")
+    parser.add_argument("--callers", help="cprofile: also print who calls the functions matching this regex")
     # The child process.
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
@@ -381,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             buffer = io.StringIO()
             stats = pstats.Stats(str(out), stream=buffer)
             stats.sort_stats(args.sort).print_stats(args.top)
+            if args.callers:
+                stats.print_callers(args.callers)
             text = buffer.getvalue()
             print(text)
             payload["pstats_text"] = text
