@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from server.db import make_engine
-from server.models import Base
+from server.models import Base, schema_compare_filter
 
 config = context.config
 target_metadata = Base.metadata
@@ -39,6 +39,7 @@ def run_migrations_online() -> None:
                 # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
                 render_as_batch=True,
                 compare_type=True,
+                include_object=schema_compare_filter(connection.dialect.name),
             )
             with context.begin_transaction():
                 context.run_migrations()

@@ -108,7 +108,9 @@ def test_the_same_key_in_two_tables_is_one_series(client: httpx.Client) -> None:
     loss = [(p["step"], p["value"]) for p in exported(client, run_id) if p["key"] == "loss"]
     assert loss == [(5, 1.0), (6, 2.0), (7, 3.0)]
 
-    clash = {"tables": [{"keys": ["x"], "steps": [1], "values": [[1.0]]}, {"keys": ["x"], "steps": [1], "values": [[2]]}]}
+    clash = {
+        "tables": [{"keys": ["x"], "steps": [1], "values": [[1.0]]}, {"keys": ["x"], "steps": [1], "values": [[2]]}]
+    }
     response = post(client, run_id, clash)
     assert response.status_code == 422
     assert response.json()["detail"].startswith(

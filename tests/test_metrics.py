@@ -107,7 +107,9 @@ def test_conflict_rejects_the_whole_batch(client: httpx.Client) -> None:
     assert body["code"] == "conflict"
     assert "points[10]" in body["detail"]
     assert "'loss' step 4" in body["detail"]
-    assert body["conflicts"] == [{"index": 10, "where": "points[10]", "key": "loss", "step": 4, "stored": 0.504, "sent": 99.0}]
+    assert body["conflicts"] == [
+        {"index": 10, "where": "points[10]", "key": "loss", "step": 4, "stored": 0.504, "sent": 99.0}
+    ]
     # All or nothing: neither the new loss points nor the new key were stored.
     listed = client.get(f"/api/v1/runs/{run_id}/metrics").json()["series"]
     assert [(s["key"], s["total_points"]) for s in listed] == [("loss", 10)]

@@ -23,14 +23,17 @@ from server.migrate import (
     head_revision,
     upgrade,
 )
-from server.models import Base
+from server.models import Base, schema_compare_filter
 from server.settings import Settings
 
 
 def schema_diff(engine: Engine) -> list[Any]:
     """What autogenerate would change to make the database match the models; ``[]`` when they agree."""
     with engine.connect() as connection:
-        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+        context = MigrationContext.configure(
+            connection, opts={"include_object": schema_compare_filter(connection.dialect.name)}
+        )
+        return list(compare_metadata(context, Base.metadata))
 
 
 def revisions_base_to_head(url: str) -> list[str]:
