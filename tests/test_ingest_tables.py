@@ -114,7 +114,8 @@ def test_the_same_key_in_two_tables_is_one_series(client: httpx.Client) -> None:
     response = post(client, run_id, clash)
     assert response.status_code == 422
     assert response.json()["detail"].startswith(
-        "tables[1].values[0][0]: key 'x' step 1 appears twice in the batch with different values (tables[0].values[0][0]"
+        "tables[1].values[0][0]: key 'x' step 1 appears twice in the batch with different values "
+        "(tables[0].values[0][0]"
     )
 
 
@@ -127,7 +128,7 @@ def test_the_same_key_in_two_tables_is_one_series(client: httpx.Client) -> None:
         ({"tables": [table(values=[LOSS])]}, "tables[0].values: 1 lists for 2 keys"),
         ({"tables": [table(values=[LOSS, LR[:3]])]}, "tables[0].values[1]: 3 values for 4 steps"),
         ({"tables": [table(epochs=[0.0])]}, "tables[0].epochs: 1 entries for 4 steps"),
-        ({"tables": [table(times=TIMES + [1.0])]}, "tables[0].times: 5 entries for 4 steps"),
+        ({"tables": [table(times=[*TIMES, 1.0])]}, "tables[0].times: 5 entries for 4 steps"),
         ({"tables": [table(keys=[])]}, "tables[0].keys: List should have at least 1 item"),
         ({"tables": [table(steps=[0, 1, -2, 3])]}, "tables[0].steps[2]: Input should be greater than or equal to 0"),
         ({"tables": [table(values=[LOSS, [0.1, "nan", 0.1, 0.1]])]}, "tables[0].values[1][1]"),
