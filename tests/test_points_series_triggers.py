@@ -6,7 +6,7 @@ Each test gets its own database at the head revision; two driver connections pla
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -146,54 +146,42 @@ def wait_until_blocked(url: str, pid: int, worker: threading.Thread) -> None:
         event.wait(0.01)
 
 
+def blocked_behind(
+    url: str, first: psycopg.Connection, second: psycopg.Connection, work: Callable[[], object]
+) -> list[type]:
+    """Runs ``work`` on ``second`` in a thread, waits until it waits on a lock ``first`` holds, commits ``first``,
+    and returns the types of the exceptions ``work`` raised (``[]``: it went through)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+            second.commit()
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_until_blocked(url, second.info.backend_pid, worker)
+    first.commit()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    return [type(e) for e in errors]
+
+
 def test_a_delete_waits_for_a_transaction_adding_points_and_then_takes_them(db: tuple[str, int, int]) -> None:
     url, _, series_id = db
-    adder, deleter = connect(url), connect(url)
-    try:
+    with connect(url) as adder, connect(url) as deleter:
         insert(adder, series_id, range(3, 6))  # not committed: the series is locked FOR KEY SHARE
-        errors: list[BaseException] = []
-
-        def delete() -> None:
-            try:
-                deleter.execute("DELETE FROM series WHERE id = %s", (series_id,))
-                deleter.commit()
-            except BaseException as exc:  # reported to the test thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=delete)
-        worker.start()
-        wait_until_blocked(url, deleter.info.backend_pid, worker)
-        adder.commit()
-        worker.join(timeout=60)
-        assert not worker.is_alive() and errors == []
-    finally:
-        adder.close()
-        deleter.close()
+        work = lambda: deleter.execute("DELETE FROM series WHERE id = %s", (series_id,))  # noqa: E731
+        assert blocked_behind(url, adder, deleter, work) == []
     assert count(url, series_id) == 0  # no point outlived its series
 
 
 def test_points_for_a_series_being_deleted_wait_and_are_refused(db: tuple[str, int, int]) -> None:
     url, _, series_id = db
-    adder, deleter = connect(url), connect(url)
-    try:
+    with connect(url) as adder, connect(url) as deleter:
         deleter.execute("DELETE FROM series WHERE id = %s", (series_id,))  # not committed yet
-        errors: list[BaseException] = []
-
-        def add() -> None:
-            try:
-                insert(adder, series_id, range(3, 6))
-                adder.commit()
-            except BaseException as exc:  # reported to the test thread
-                errors.append(exc)
-
-        worker = threading.Thread(target=add)
-        worker.start()
-        wait_until_blocked(url, adder.info.backend_pid, worker)
-        deleter.commit()
-        worker.join(timeout=60)
-        assert not worker.is_alive()
-        assert [type(e) for e in errors] == [psycopg.errors.ForeignKeyViolation]
-    finally:
-        adder.close()
-        deleter.close()
+        errors = blocked_behind(url, deleter, adder, lambda: insert(adder, series_id, range(3, 6)))
+        assert errors == [psycopg.errors.ForeignKeyViolation]
     assert count(url, series_id) == 0
