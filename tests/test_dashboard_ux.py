@@ -6,13 +6,14 @@ dark theme, readable log ticks, smoothing per series density and decisions numbe
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Download, Page, Route, ViewportSize, expect
+from playwright.sync_api import Browser, Download, Locator, Page, Route, ViewportSize, expect
 
 from tests.conftest import LiveServer, make_run, sqlite_copy
 from tests.test_dashboard import (
@@ -61,6 +62,23 @@ def point_on_screen(page: Page, trace: int, index: int) -> tuple[float, float]:
     return float(x), float(y)
 
 
+def hover_until_shown(page: Page, trace: int, index: int, label: Locator, timeout_s: float = 15.0) -> None:
+    """Hovers point ``index`` of ``trace`` until ``label`` shows once. A live event that redraws the chart after
+    the mouse arrived takes the hover away (and may move the point): the position is measured again each time.
+    Waits on the label, never on the clock alone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        x, y = point_on_screen(page, trace, index)
+        page.mouse.move(x + 2, y)
+        page.mouse.move(x, y)
+        try:
+            expect(label).to_have_count(1, timeout=1000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def trace_index(page: Page, role: str, key: str, run: int | None = None) -> int:
     index: int = page.evaluate(
         """([role, key, run]) => document.getElementById('chart').data.findIndex((t) => t.meta
@@ -77,6 +95,7 @@ def trace_index(page: Page, role: str, key: str, run: int | None = None) -> int:
 def test_a_long_decision_hover_is_wrapped_inside_the_chart(server: LiveServer, client: httpx.Client, tab: Tab) -> None:
     page = tab.page
     run_id = staged_run(client, "hover", {61: 0.01})
+    assert server.app.state.stagewatch.live.wait_idle(timeout=10)
     reason = "a long note, " * 30 + "and a path/with/no/spaces/" * 6
     response = client.post(f"/api/v1/runs/{run_id}/commands", json={"action": "decay", "factor": 0.5, "reason": reason})
     assert response.status_code in (200, 201), response.text
@@ -87,10 +106,8 @@ def test_a_long_decision_hover_is_wrapped_inside_the_chart(server: LiveServer, c
     marker = page.evaluate(
         "() => document.getElementById('chart').data.findIndex((t) => t.meta && t.meta.role === 'decisions')"
     )
-    x, y = point_on_screen(page, marker, 0)
-    page.mouse.move(x, y)
     label = page.locator("#chart .hoverlayer .hovertext")
-    expect(label).to_have_count(1)
+    hover_until_shown(page, marker, 0, label)
     expect(label).to_contain_text("a long note")
     chart = page.locator("#chart").bounding_box()
     box = label.bounding_box()
