@@ -12,7 +12,10 @@ command runs, :func:`trainer.loop.fit`, under three conditions with the same see
   training;
 * ``server down``: the same calls to a loopback port where nothing listens, so the sender thread retries and
   keeps the points (in memory up to the client's ``max_memory_points``, then in a temporary spool directory,
-  where closing the run puts the rest).
+  where closing the run puts the rest);
+* ``server up, httpx`` (only with ``--with-httpx``): as ``server up``, but the run is given an httpx transport,
+  so its metric batches go over httpx instead of libcurl (:mod:`trainer.curl`): the client's previous path,
+  measured in the same rounds.
 
 The conditions are interleaved (their order rotates from one repeat to the next, so none always runs first)
 after an untimed warm-up round, and the per-epoch wall time (``fit``'s ``EpochStats.seconds``: updates,
@@ -20,14 +23,15 @@ logging, evaluation) is compared: the ratio of the pooled medians, and the media
 repeat's ratio to the no-logging training of the same repeat (paired, so slow drifts of the machine cancel
 out). The sender thread, the server process and the training share the CPUs; that contention is part of the
 measured overhead.
-A second table says where the time goes: wall time inside ``run.log()``, HTTP requests (counted by a wrapping
-``httpx`` transport), CPU of the client's threads and of the server, and the load of other processes.
+A second table says where the time goes: wall time inside ``run.log()``, metric POSTs (the run's
+``batches_sent``), CPU of the client's threads and of the server, and the load of other processes.
 
 Nothing is taken on trust: after each server-up training the run is flushed and ``GET /api/v1/runs/{id}`` must
 report exactly the logged point count for every key; after each server-down training ``pending.jsonl`` must
 hold every logged point exactly once. A training that lost or rejected a point fails the benchmark.
 
-    .venv/bin/python -m benchmarks.bench_train_overhead [--repeats 12] [--epochs 3] [--num-samples N] [--quick]
+    .venv/bin/python -m benchmarks.bench_train_overhead [--repeats 12] [--epochs 3] [--num-samples N] [--with-httpx]
+        [--quick]
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ NAME = "train_overhead"
 TARGET_PCT = 1.0
 BATCH_SIZE = 32  # stagewatch train's default, as DEFAULT_LR, MOMENTUM and WEIGHT_DECAY
 CONDITIONS = ("none", "up", "down")
-LABELS = {"none": "no logging", "up": "server up", "down": "server down"}
+LABELS = {"none": "no logging", "up": "server up", "down": "server down", "up_httpx": "server up, httpx"}
 STEP_KEYS = ("train/loss", "lr")
 EPOCH_KEYS = ("epoch/train_loss", "test/loss", "test/accuracy")
 QUICK = {"repeats": 1, "epochs": 1, "num_samples": 1000, "warmup": 0}
@@ -95,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the client's max_memory_points in the server-down condition (default: the client's, 200000); "
         "a small value makes the sender write the spool during training",
+    )
+    parser.add_argument(
+        "--with-httpx",
+        action="store_true",
+        help="a fourth condition in every round: server up, metric batches over httpx instead of libcurl",
     )
     parser.add_argument("--quick", action="store_true", help="1 round of 1 epoch on 1,000 samples: a smoke test")
     return parser
@@ -144,30 +153,6 @@ def _process_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-class _CountingTransport(httpx.BaseTransport):
-    """The default transport, counting requests by method and route (failed connection attempts included).
-
-    Passed to ``start_run(transport=...)``; the run's two clients (sender and command poller) share it, so its
-    ``close`` does nothing and :meth:`shutdown` closes the connection pool once the run is closed."""
-
-    def __init__(self) -> None:
-        self._inner = httpx.HTTPTransport()
-        self._lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        route = "/".join("{id}" if part.isdigit() else part for part in request.url.path.split("/"))
-        with self._lock:
-            self.counts[f"{request.method} {route}"] += 1
-        return self._inner.handle_request(request)
-
-    def close(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        self._inner.close()
-
-
 def _machine_busy_s() -> float | None:
     """CPU seconds all CPUs have spent busy since boot (steal included: the hypervisor gave them to others)."""
     try:
@@ -180,38 +165,26 @@ def _machine_busy_s() -> float | None:
 
 class _Meter:
     """What happens between ``start`` and ``stop`` (one training): CPU seconds of the run's background threads,
-    of the server process, of everything else on the machine (other processes, steal), and HTTP requests."""
+    of the server process, and of everything else on the machine (other processes, steal)."""
 
-    def __init__(
-        self,
-        server_pid: int | None,
-        threads: Sequence[threading.Thread] = (),
-        transport: _CountingTransport | None = None,
-    ) -> None:
+    def __init__(self, server_pid: int | None, threads: Sequence[threading.Thread] = ()) -> None:
         self._threads = list(threads)
         self._server_pid = server_pid
-        self._transport = transport
         self._start: dict[str, int | None] = {}
         self._cpu_start: tuple[float | None, float | None, float | None, float] = (None, None, None, 0.0)
-        self._requests_start: Counter[str] = Counter()
         self.threads_s: dict[str, float | None] = {}
         self.server_s: float | None = None
         self.other_cores: float | None = None  # busy CPUs that were neither this process nor the server
-        self.requests: dict[str, int] = {}
 
     def _cpu(self) -> tuple[float | None, float | None, float | None, float]:
         return _machine_busy_s(), _process_cpu_s(os.getpid()), _process_cpu_s(self._server_pid), time.monotonic()
 
     def start(self) -> None:
         self._start = {t.name: _thread_cpu_ns(t.native_id) for t in self._threads}
-        if self._transport is not None:
-            self._requests_start = Counter(self._transport.counts)
         self._cpu_start = self._cpu()
 
     def stop(self) -> None:
         end = self._cpu()
-        if self._transport is not None:
-            self.requests = dict(Counter(self._transport.counts) - self._requests_start)
         for t in self._threads:
             before, after = self._start.get(t.name), _thread_cpu_ns(t.native_id)
             self.threads_s[t.name] = (after - before) / 1e9 if before is not None and after is not None else None
@@ -240,8 +213,7 @@ class Trial:
     background_cpu_s: dict[str, float | None] = field(default_factory=dict)  # per thread, during training
     server_cpu_s: float | None = None  # during training (idle unless the condition is "up")
     other_cores: float | None = None  # CPUs busy with other processes (or stolen) during training, on average
-    requests: dict[str, int] = field(default_factory=dict)  # during training, by route
-    requests_total: dict[str, int] = field(default_factory=dict)  # the whole run: create, flush and close too
+    metric_posts: int = 0  # stored batches (Run.batches_sent), the whole run: the final flush too
     warnings: list[str] = field(default_factory=list)
 
 
@@ -360,30 +332,35 @@ def trial_none(training: Training, repeat: int, server_pid: int | None) -> Trial
     return trial
 
 
-def trial_up(training: Training, repeat: int, url: str, spool: Path, server_pid: int | None) -> Trial:
+def trial_up(
+    training: Training, repeat: int, url: str, spool: Path, server_pid: int | None, *, over_httpx: bool = False
+) -> Trial:
+    """``over_httpx``: the run gets an httpx transport, which sends its metric batches over httpx too."""
     before = {t.ident for t in threading.enumerate() if t.ident is not None}
-    transport = _CountingTransport()
+    transport = httpx.HTTPTransport() if over_httpx else None
+    condition = "up_httpx" if over_httpx else "up"
     with _trainer_warnings() as warnings:
         try:
             with start_run(
                 url,
-                name=f"train-overhead up r{repeat}",
+                name=f"train-overhead {condition} r{repeat}",
                 project="bench",
                 spool_dir=spool,
                 close_timeout_s=FLUSH_TIMEOUT_S,
                 transport=transport,
             ) as run:
-                meter = _Meter(server_pid, _background_threads(before), transport)
+                meter = _Meter(server_pid, _background_threads(before))
                 epoch_s, loop_s, in_log_s, calls, per_key = _train(training, run, meter)
                 flushed = run.flush(timeout=FLUSH_TIMEOUT_S)
                 sent, rejected, run_id = run.points_sent, run.points_rejected, run.id
+            metric_posts = run.batches_sent
         finally:
-            transport.shutdown()
+            if transport is not None:
+                transport.close()
     logged = sum(per_key.values())
-    trial = Trial("up", repeat, epoch_s, loop_s, in_log_s, calls, logged)
-    trial.background_cpu_s, trial.server_cpu_s, trial.requests = meter.threads_s, meter.server_s, meter.requests
-    trial.other_cores = meter.other_cores
-    trial.requests_total = dict(transport.counts)
+    trial = Trial(condition, repeat, epoch_s, loop_s, in_log_s, calls, logged)
+    trial.background_cpu_s, trial.server_cpu_s = meter.threads_s, meter.server_s
+    trial.other_cores, trial.metric_posts = meter.other_cores, metric_posts
     trial.warnings = warnings.messages
     if not flushed:
         trial.problems.append(f"flush did not finish within {FLUSH_TIMEOUT_S:.0f}s")
@@ -434,29 +411,25 @@ def trial_down(
 ) -> Trial:
     before = {t.ident for t in threading.enumerate() if t.ident is not None}
     extra: dict[str, Any] = {} if max_memory_points is None else {"max_memory_points": max_memory_points}
-    transport = _CountingTransport()
-    with _trainer_warnings() as warnings:
-        try:
-            with start_run(
-                url,
-                name=f"train-overhead down r{repeat}",
-                project="bench",
-                spool_dir=spool,
-                timeout=1.0,
-                close_timeout_s=0.1,
-                transport=transport,
-                **extra,
-            ) as run:
-                meter = _Meter(server_pid, _background_threads(before), transport)
-                epoch_s, loop_s, in_log_s, calls, per_key = _train(training, run, meter)
-                run_id = run.id
-        finally:
-            transport.shutdown()
+    with (
+        _trainer_warnings() as warnings,
+        start_run(
+            url,
+            name=f"train-overhead down r{repeat}",
+            project="bench",
+            spool_dir=spool,
+            timeout=1.0,
+            close_timeout_s=0.1,
+            **extra,
+        ) as run,
+    ):
+        meter = _Meter(server_pid, _background_threads(before))
+        epoch_s, loop_s, in_log_s, calls, per_key = _train(training, run, meter)
+        run_id = run.id
     logged = sum(per_key.values())
     trial = Trial("down", repeat, epoch_s, loop_s, in_log_s, calls, logged)
-    trial.background_cpu_s, trial.requests = meter.threads_s, meter.requests
+    trial.background_cpu_s = meter.threads_s
     trial.server_cpu_s, trial.other_cores = meter.server_s, meter.other_cores
-    trial.requests_total = dict(transport.counts)
     trial.warnings = warnings.messages
     spooled, distinct = _spooled_points(spool)
     trial.points_verified = sum(spooled.values())
@@ -488,9 +461,9 @@ def _bootstrap_median_ci(values: Sequence[float], seed: int) -> tuple[float, flo
     return harness.percentile(medians, 5), harness.percentile(medians, 95)
 
 
-def summarize(trials: Sequence[Trial], seed: int) -> dict[str, Any]:
+def summarize(trials: Sequence[Trial], seed: int, conditions: Sequence[str] = CONDITIONS) -> dict[str, Any]:
     timed = [t for t in trials if t.repeat >= 0]
-    by_condition = {c: [t for t in timed if t.condition == c] for c in CONDITIONS}
+    by_condition = {c: [t for t in timed if t.condition == c] for c in conditions}
     pooled = {c: statistics.median(s for t in ts for s in t.epoch_s) for c, ts in by_condition.items()}
     baseline = {t.repeat: t for t in by_condition["none"]}
     summary: dict[str, Any] = {}
@@ -501,9 +474,8 @@ def summarize(trials: Sequence[Trial], seed: int) -> dict[str, Any]:
         n_epochs = sum(len(t.epoch_s) for t in ts)
         background = [v for t in ts for v in t.background_cpu_s.values() if v is not None]
         server = [t.server_cpu_s for t in ts if t.server_cpu_s is not None]
-        requests = sum(sum(t.requests.values()) for t in ts)
         others = [t.other_cores for t in ts if t.other_cores is not None]
-        metric_posts = sum(t.requests_total.get("POST /api/v1/runs/{id}/metrics", 0) for t in ts)
+        metric_posts = sum(t.metric_posts for t in ts)
         summary[c] = {
             "label": LABELS[c],
             "trainings": len(ts),
@@ -527,7 +499,6 @@ def summarize(trials: Sequence[Trial], seed: int) -> dict[str, Any]:
             "server_cpu_ms_per_epoch": sum(server) / n_epochs * 1e3 if server else math.nan,
             "other_load_cores_median": statistics.median(others) if others else math.nan,
             "other_load_cores_max": max(others) if others else math.nan,
-            "requests_per_epoch": requests / n_epochs if c != "none" else math.nan,
             "metric_posts_per_epoch": metric_posts / n_epochs if c != "none" else math.nan,
             "points_per_metric_post": sum(t.points_logged for t in ts) / metric_posts if metric_posts else math.nan,
         }
@@ -577,7 +548,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace, steps_per_epoch: i
             "the differences are noisy; run again on a quiet machine"
         )
     harness.print_table(
-        "Per epoch: time in log(), HTTP requests and CPU of the client's threads and of the server; points checked",
+        "Per epoch: time in log(), metric POSTs and CPU of the client's threads and of the server; points checked",
         [
             "condition",
             "log() calls",
@@ -586,7 +557,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace, steps_per_epoch: i
             "all there",
             "in log() ms",
             "us/call",
-            "requests",
+            "POSTs",
             "pts/POST",
             "client threads CPU ms",
             "server CPU ms",
@@ -600,7 +571,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace, steps_per_epoch: i
                 s["all_verified"],
                 s["in_log_ms_per_epoch"],
                 s["in_log_us_per_call"] if s["log_calls"] else math.nan,
-                s["requests_per_epoch"],
+                s["metric_posts_per_epoch"],
                 s["points_per_metric_post"],
                 s["background_cpu_ms_per_epoch"],
                 s["server_cpu_ms_per_epoch"],
@@ -609,7 +580,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace, steps_per_epoch: i
         ],
     )
     targets: dict[str, Any] = {}
-    for c in ("up", "down"):
+    for c in ("up", "down"):  # up_httpx is a reference, not a target
         s = summary[c]
         # Both estimates must be within the target: the larger one is reported.
         value = max(s["overhead_pct_pooled"], s["overhead_pct_paired"])
@@ -638,9 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     training = Training(data, epochs=args.epochs, seed=args.seed)
     warm_training = replace(training, epochs=1)
     steps_per_epoch = math.ceil(data.num_train / BATCH_SIZE)
+    conditions = CONDITIONS + (("up_httpx",) if args.with_httpx else ())
     print(
         f"[train_overhead] {data.num_train} training samples, {steps_per_epoch} steps/epoch, {args.warmup} warm-up + "
-        f"{args.repeats} rounds x 3 conditions x {args.epochs} epochs ...",
+        f"{args.repeats} rounds x {len(conditions)} conditions x {args.epochs} epochs ...",
         flush=True,
     )
     started = time.perf_counter()
@@ -655,14 +627,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         runners: dict[str, Callable[[Training, int], Trial]] = {
             "none": lambda t, r: trial_none(t, r, server_pid),
             "up": lambda t, r: trial_up(t, r, url, Path(tmp) / f"up-{r}", server_pid),
+            "up_httpx": lambda t, r: trial_up(t, r, url, Path(tmp) / f"httpx-{r}", server_pid, over_httpx=True),
             "down": lambda t, r: trial_down(
                 t, r, down_url, Path(tmp) / f"down-{r}", server_pid, args.max_memory_points
             ),
         }
         rounds = [(-1 - w, warm_training) for w in range(args.warmup)] + [(r, training) for r in range(args.repeats)]
         for repeat, cfg in rounds:
-            shift = max(repeat, 0) % len(CONDITIONS)
-            order = CONDITIONS[shift:] + CONDITIONS[:shift]  # rotates: none up down, up down none, down none up
+            shift = max(repeat, 0) % len(conditions)
+            order = conditions[shift:] + conditions[:shift]  # rotates: none up down, up down none, down none up
             for condition in order:
                 trial = runners[condition](cfg, repeat)
                 trials.append(trial)
@@ -672,11 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line = "  ".join(
                     f"{LABELS[t.condition]} {statistics.median(t.epoch_s) * 1e3:.1f} ms"
                     + (f" (other load {t.other_cores:.2f})" if t.other_cores is not None else "")
-                    for t in trials[-len(CONDITIONS) :]
+                    for t in trials[-len(conditions) :]
                 )
                 print(f"  round {repeat + 1}/{args.repeats}: median epoch  {line}", flush=True)
     wall_s = time.perf_counter() - started
-    summary = summarize(trials, args.seed)
+    summary = summarize(trials, args.seed, conditions)
     targets = report(summary, args, steps_per_epoch)
     print(f"\n{len(trials)} trainings in {wall_s:.0f}s")
     harness.write_json(

@@ -1,7 +1,9 @@
 """A thin, typed wrapper over ``httpx`` for the few REST v1 calls a worker makes.
 
 It handles transport concerns only (base URL, bearer token, timeouts, JSON); retry and outage policy live in
-:mod:`trainer.run`. Pass ``transport=`` to run it over any ``httpx`` transport (tests, proxies).
+:mod:`trainer.run`. Metric batches, the one request a training loop makes often, go over libcurl when ``pycurl``
+is installed (:mod:`trainer.curl`: no GIL held while on the wire); pass ``transport=`` to send every request,
+those included, over that ``httpx`` transport instead (tests, instrumentation, custom proxies).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+
+from trainer import curl
 
 __all__ = ["Client"]
 
@@ -34,6 +38,16 @@ class Client:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             transport=transport,
         )
+        self._curl = (
+            curl.CurlPoster(self.base_url, token=token, timeout=timeout, connect_timeout=min(timeout, 5.0))
+            if transport is None and curl.available()
+            else None
+        )
+
+    @property
+    def metrics_over(self) -> str:
+        """What carries metric batches: ``"libcurl"`` or ``"httpx"``."""
+        return "httpx" if self._curl is None else "libcurl"
 
     def create_run(self, fields: dict[str, Any]) -> httpx.Response:
         return self._http.post(f"{API}/runs", json=fields)
@@ -48,7 +62,9 @@ class Client:
         return self._http.post(f"{API}/runs/{run_id}/heartbeat")
 
     def post_metrics(self, run_id: int, body: bytes) -> httpx.Response:
-        """``body`` is an encoded ``{"points": [...]}`` (see :func:`trainer.spool.encode_batch`)."""
+        """``body`` is an encoded ``{"points": [...]}`` or ``{"tables": [...]}`` (:mod:`trainer.columns`)."""
+        if self._curl is not None:
+            return self._curl.post(f"{API}/runs/{run_id}/metrics", body)
         return self._http.post(
             f"{API}/runs/{run_id}/metrics", content=body, headers={"content-type": "application/json"}
         )
@@ -82,6 +98,8 @@ class Client:
         return self._http.post(f"{API}/runs/{run_id}/commands/{command_id}/ack", json=body)
 
     def close(self) -> None:
+        if self._curl is not None:
+            self._curl.close()
         self._http.close()
 
 

@@ -155,7 +155,13 @@ class Run:
 
     @property
     def points_sent(self) -> int:
+        """Points the server has stored from this process (its answers' ``accepted``, summed)."""
         return self._sender.points_sent if self._sender is not None else 0
+
+    @property
+    def batches_sent(self) -> int:
+        """Metric POSTs of this process the server has stored: ``points_sent / batches_sent`` is the batch size."""
+        return self._sender.batches_sent if self._sender is not None else 0
 
     @property
     def points_rejected(self) -> int:

@@ -88,6 +88,7 @@ class Sender:
         self._orphans = list(orphans)
         self.piggyback_at = -math.inf  # when a metrics response last carried commands
         self.points_sent = 0
+        self.batches_sent = 0  # metric POSTs of this process's points that the server stored
         self.points_rejected = 0
         self._handoff: collections.deque[Columns] = collections.deque()
         self._handoff_wake = threading.Event()
@@ -403,6 +404,7 @@ class Sender:
             if spool is self.spool:
                 answer = response.json()
                 self.points_sent += int(answer.get("accepted", 0))
+                self.batches_sent += 1
                 if isinstance(answer.get("commands"), list):
                     self._inbox.add_json(answer["commands"], run_id=run_id)
                     self.piggyback_at = time.monotonic()
