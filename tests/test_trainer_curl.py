@@ -30,7 +30,7 @@ def tables_body(key: str, steps: range, value: float = 0.5) -> bytes:
 
 
 @contextlib.contextmanager
-def raw_listener(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+def raw_listener(handle: Callable[[socket.socket], object]) -> Iterator[str]:
     """A loopback TCP listener handing each accepted connection to ``handle`` (in a thread); yields its URL."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
