@@ -53,15 +53,19 @@ class Block:
 class Columns:
     """Points of any keys; ``calls`` counts the ``log()`` calls that added them (the sender's wake-up)."""
 
-    __slots__ = ("blocks", "calls", "points")
+    __slots__ = ("blocks", "calls")
 
     def __init__(self) -> None:
         self.blocks: dict[tuple[str, ...], Block] = {}
-        self.points = 0
         self.calls = 0
 
+    @property
+    def points(self) -> int:
+        """Counted when asked (by the sender, a few times a batch) rather than by every ``log()`` call."""
+        return sum(len(block.steps) * len(block.keys) for block in self.blocks.values())
+
     def __bool__(self) -> bool:
-        return self.points > 0
+        return any(block.steps for block in self.blocks.values())
 
     def block(self, keys: tuple[str, ...]) -> Block:
         block = self.blocks.get(keys)
@@ -73,31 +77,29 @@ class Columns:
         """Appends ``other``'s points after this one's (each block's order of rows is kept)."""
         for keys, block in other.blocks.items():
             self.block(keys).extend(block)
-        self.points += other.points
         self.calls += other.calls
 
     def cut(self, n: int) -> tuple[Columns, Columns]:
         """About the first ``n`` points and the rest: whole rows, at least one (so that taking makes progress),
         and fewer than one row's keys past ``n``."""
         head, tail = Columns(), Columns()
+        taken = 0  # points in head
         full = False  # once a block is not taken whole, the rest is the tail: blocks keep their order
         for keys, block in self.blocks.items():
             width = len(keys)
             size = len(block) * width
-            room = n - head.points
-            rows = 0 if full else room // width if head.points else max(1, room // width)
+            room = n - taken
+            rows = 0 if full else room // width if taken else max(1, room // width)
             if rows * width >= size:
                 head.blocks[keys] = block
-                head.points += size
+                taken += size
                 continue
             full = True
             if rows > 0:
                 head.blocks[keys], tail.blocks[keys] = block.cut(rows)
-                head.points += rows * width
-                tail.points += size - rows * width
+                taken += rows * width
             else:
                 tail.blocks[keys] = block
-                tail.points += size
         return head, tail
 
     def to_points(self) -> list[dict[str, Any]]:
