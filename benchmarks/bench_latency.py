@@ -13,13 +13,13 @@ server's decision must be made at exactly that step (checked with ``GET /runs/{i
 When the command arrives the worker applies it to its simulated LR (``lr * factor``), acknowledges it with
 ``run.ack_command`` and goes on with the next stage, so the logged LR opens a new stage on the server.
 
-Clocks (all ``time.perf_counter`` in this process): a wrapping ``httpx`` transport, shared by the run's two
-HTTP clients, stamps the ``POST /metrics`` that carries the completing point when it is handed to the
-connection (``send``) and when its response body has been read (``response``), and every long-poll response
-when it has been read; a watcher thread calls ``run.pending_commands()`` every ``--poll-ms`` and stamps the
-first time each command is there (``held``). The latency is ``held - response`` (the issue's "from ingesting
-the point"); ``held - send`` is reported too. The server's own wall-clock stamps of the decision (proposed,
-delivered) split the time into its phases.
+Clocks (all ``time.perf_counter`` in this process): a wrapping ``httpx`` transport, shared by the run's two HTTP
+clients (given a transport, the run sends its metric batches over httpx too, not libcurl), stamps the ``POST
+/metrics`` that carries the completing point when it is handed to the connection (``send``) and when its response
+body has been read (``response``), and every long-poll response when it has been read; a watcher thread calls
+``run.pending_commands()`` every ``--poll-ms`` and stamps the first time each command is there (``held``). The
+latency is ``held - response`` (the issue's "from ingesting the point"); ``held - send`` is reported too. The
+server's own wall-clock stamps of the decision (proposed, delivered) split the time into its phases.
 
 **Live-event latency**: two subscribers stream ``GET /api/v1/runs/{id}/stream`` and ``GET /api/v1/stream``
 (Server-Sent Events) in their own threads while a producer posts small batches (``loss`` and ``lr`` for

@@ -253,6 +253,10 @@ class Run:
                 response = client.create_run({**meta.create, "client_key": meta.client_key})
                 if response.status_code in (200, 201):
                     meta.run_id = int(response.json()["id"])
+                    if response.status_code == 201 and meta.rewind_seen is None:
+                        # New on the server, so it has no rewinds: the sender need not ask (one request and
+                        # a metadata write less, in the first seconds of training).
+                        meta.rewind_seen = 0
                     spool.save_meta()
                     if response.status_code == 201:
                         return False
@@ -538,6 +542,10 @@ def start_run(
     ``retry_max_s``, ``close_timeout_s``, ``command_wait_s``, ...; see :class:`trainer.options.RunOptions`).
     Commands from the server are read with :meth:`Run.pending_commands` and applied with
     :class:`trainer.torch.CommandApplier`.
+
+    ``transport``: an httpx transport every request goes through (instrumentation, a custom proxy, tests).
+    Without one, metric batches go over libcurl (:mod:`trainer.curl`), which holds no GIL while a batch is on
+    the wire, and the other requests over httpx's default transport.
     """
     if options is None:
         options = RunOptions(**tuning)
