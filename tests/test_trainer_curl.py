@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 import trainer
 from tests.conftest import LiveServer, free_port, make_run
@@ -205,3 +207,43 @@ def test_batches_follow_the_proxy_environment_as_httpx_does(
         assert direct.post_metrics(run_id, tables_body("loss", range(3))).status_code == 200
     finally:
         direct.close()
+
+
+def test_https_batches_verify_the_server_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Over TLS the server's certificate is checked: against certifi's bundle by default (a private CA fails, as
+    with httpx), against ``SSL_CERT_FILE`` when set."""
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    answer = b'{"accepted": 3}'
+
+    def serve_tls(conn: socket.socket) -> None:
+        # The client refusing the certificate ends the handshake with an error here.
+        with contextlib.suppress(ssl.SSLError, OSError), server_context.wrap_socket(conn, server_side=True) as tls:
+            read_request(tls)
+            tls.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(answer)}\r\n\r\n".encode()
+                + answer
+            )
+
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with raw_listener(serve_tls) as url:
+        https = url.replace("http://", "https://")
+        untrusted = Client(https, timeout=5.0)
+        try:
+            assert untrusted.metrics_over == "libcurl"
+            with pytest.raises(httpx.ConnectError, match="certificate"):
+                untrusted.post_metrics(1, tables_body("loss", range(3)))
+        finally:
+            untrusted.close()
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        trusted = Client(https, timeout=5.0)
+        try:
+            response = trusted.post_metrics(1, tables_body("loss", range(3)))
+            assert response.status_code == 200 and response.json() == {"accepted": 3}
+        finally:
+            trusted.close()

@@ -111,7 +111,7 @@ class CurlPoster:
             curl.setopt(pycurl.POSTFIELDS, body)
             curl.setopt(pycurl.WRITEFUNCTION, chunks.append)
             try:
-                curl.perform()  # the GIL is released until the answer is in
+                curl.perform()  # no GIL held meanwhile, but for the callback that keeps the answer's bytes
             except pycurl.error as exc:
                 code, message = exc.args if len(exc.args) == 2 else (-1, str(exc))
                 raise _transport_error(int(code), str(message)) from exc
