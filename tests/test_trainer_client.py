@@ -125,8 +125,12 @@ def test_bad_values_raise_type_error_at_once(server: LiveServer, client: httpx.C
             run.log({"loss": 1.0}, step=1.5)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="step must be >= 0"):
             run.log({"loss": 1.0}, step=-1)
+        with pytest.raises(ValueError, match=r"step must be <= 2\*\*53"):
+            run.log({"loss": 1.0}, step=2**53 + 1)  # a double would round it
         run.log({"loss": 1}, step=0)
-    assert client.get(f"/api/v1/runs/{run.id}").json()["latest"]["loss"]["count"] == 1
+        run.log({"loss": 2.0}, step=2**53)
+    latest = client.get(f"/api/v1/runs/{run.id}").json()["latest"]["loss"]
+    assert (latest["count"], latest["step"]) == (2, 2**53)
 
 
 def test_conflicting_batch_is_rejected_into_the_spool_not_retried(

@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import re
+import threading
 import time
 import types
 import uuid
@@ -38,6 +39,7 @@ import httpx
 
 from trainer.backoff import Backoff
 from trainer.client import Client, error_detail
+from trainer.columns import LOCKED_WRITES, MAX_STEP, Block
 from trainer.commands import Ack, Command, CommandInbox
 from trainer.errors import AuthError, RunStateError, ServerError
 from trainer.options import RunOptions
@@ -58,11 +60,11 @@ class RunState(enum.Enum):
     CLOSED = 3
 
 
-# Module constants rather than ``math.inf``, ``time.time``, ``RunState.OPENED`` in ``log()``: between torch
-# operations each attribute lookup is a cache miss or two, and ``log()`` runs every step (-1.4 us a call there).
+# Module constants rather than ``math.inf``, ``time.time``, ``trainer.columns.MAX_STEP`` in ``log()``: between
+# torch operations each attribute lookup is a cache miss or two, and ``log()`` runs every step (-1.4 us a call there).
 _INF = math.inf
 _wall_clock = time.time
-_OPENED = RunState.OPENED
+_MAX_STEP = MAX_STEP
 
 
 def _checked_values(values: Mapping[str, Any]) -> dict[str, float]:
@@ -140,6 +142,9 @@ class Run:
         self._inbox = CommandInbox()
         self._client: Client | None = None
         self._sender: Sender | None = None
+        # What log() touches, in attributes of their own: between torch operations each lookup is a cache miss.
+        self._blocks: dict[tuple[str, ...], Block] | None = None  # the sender's recorder's, while open
+        self._wake = threading.Event()  # the sender's, once open
         self._poller: CommandPoller | None = None
 
     # --- what callers read ------------------------------------------------------------------------------
@@ -218,6 +223,8 @@ class Run:
         )
         sender.start()
         self._poller.start()
+        self._wake = sender.wake
+        self._blocks = sender.recorder.blocks
         self.state = RunState.OPENED
         return self
 
@@ -288,6 +295,7 @@ class Run:
             self.state = RunState.CLOSED
             return
         self.state = RunState.CLOSED
+        self._blocks = None
         sender, poller, client = self._sender, self._poller, self._client
         assert sender is not None and poller is not None and client is not None
         deadline = time.monotonic() + self.options.close_timeout_s
@@ -354,13 +362,15 @@ class Run:
         use it for the points a server-side detector watches (say, per-epoch losses), so that its decision
         comes back within milliseconds rather than a batch interval later.
         """
-        sender = self._sender
-        if self.state is not _OPENED or sender is None:
+        blocks = self._blocks  # the recorder's blocks while the run is open, else None
+        if blocks is None:
             raise RunStateError(f"cannot log to a run that is {self.state.name.lower()}; use `with start_run(...)`")
-        if type(step) is not int or step < 0:
+        if type(step) is not int or not 0 <= step <= _MAX_STEP:
             if isinstance(step, bool) or not isinstance(step, int):
                 raise TypeError(f"step must be an int, got {type(step).__name__}")
-            raise ValueError(f"step must be >= 0, got {step}")
+            if step < 0:
+                raise ValueError(f"step must be >= 0, got {step}")
+            raise ValueError(f"step must be <= 2**53 (exact in a double, and in the dashboard), got {step}")
         # Everything is checked before anything is stored: a call that raises leaves no point behind. Plain
         # floats pass at once; the rest (ints, numpy scalars) are converted by the slow path first.
         for value in values.values():
@@ -380,25 +390,35 @@ class Run:
         keys = tuple(values)
         if not keys:
             return
-        now = _wall_clock()
-        # Two appends to typed arrays: nothing here outlives the call as an object the garbage collector counts.
-        # acquire/release rather than ``with``: half the cost, and nothing between them can raise but the check.
-        lock = sender.columns_lock
-        lock.acquire()
-        try:
-            columns = sender.columns
-            block = columns.blocks.get(keys)
-            if block is None:  # keys not seen since the sender last took the columns: check them once
-                _check_keys(keys)
-                block = columns.block(keys)
-            block.steps.append(step)
-            block.rows.fromlist([epoch_value, now, *values.values()])  # values in the order of ``keys``
-            columns.calls = calls = columns.calls + 1
-        finally:
-            lock.release()
-        if calls == sender.wake_at or urgent:
-            sender.wake.set()
-        elif calls > self.options.max_queue:
+        block = blocks.get(keys)
+        if block is None or LOCKED_WRITES:  # keys not seen yet (checked once), or a free-threaded build
+            block = self._append_slow(keys, [step, epoch_value, _wall_clock(), *values.values()])
+        else:
+            # The whole row in one call, so no lock (trainer.columns.Recorder); nothing it leaves behind is an
+            # object the garbage collector counts.
+            block.rows.fromlist([step, epoch_value, _wall_clock(), *values.values()])  # values in order of keys
+        n = len(block.rows)
+        if n == block.wake_len or urgent:
+            self._wake.set()
+        elif n > block.max_len:
+            self._overflow()
+
+    def _append_slow(self, keys: tuple[str, ...], row: list[float]) -> Block:
+        _check_keys(keys)
+        sender = self._sender
+        assert sender is not None
+        recorder = sender.recorder
+        block = recorder.block(keys)
+        if LOCKED_WRITES:
+            with recorder.lock:
+                block.rows.fromlist(row)
+        else:
+            block.rows.fromlist(row)
+        return block
+
+    def _overflow(self) -> None:
+        sender = self._sender
+        if sender is not None:
             sender.overflow()
 
     def pending_commands(self) -> list[Command]:

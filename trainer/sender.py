@@ -1,9 +1,9 @@
 """The sender: one thread per run that delivers everything the training loop hands over, exactly once.
 
-``Run.log`` appends to :attr:`Sender.columns` (typed arrays per key, see :mod:`trainer.columns`; no I/O and no
-object per call). Every ``batch_interval_s`` -- or at once when a third of a batch is waiting, on ``urgent``, or
-while someone flushes -- the thread swaps those columns out whole into an in-memory buffer and delivers, in this
-order, each step only after the previous one went through:
+``Run.log`` appends to :attr:`Sender.recorder` (typed arrays per set of keys, see :mod:`trainer.columns`; no I/O,
+no lock and no object per call). Every ``batch_interval_s`` -- or at once when a third of a batch is waiting, on
+``urgent``, or while someone flushes -- the thread takes what was logged into an in-memory buffer and delivers, in
+this order, each step only after the previous one went through:
 
 1. the run itself: created (idempotently, by its ``client_key``) or marked ``running`` again;
 2. the spool's inherited data reconciled with the rewinds the server made since its writer last looked;
@@ -17,7 +17,7 @@ A batch leaves the buffer only once the server has stored it (or refused it for 
 ``rejected.jsonl``): any failure or exception puts it back in front, in order. A timeout whose request did
 reach the server is harmless, because the resend is an idempotent no-op there. When the buffer passes
 ``max_memory_points`` the oldest half goes to the spool; when more than ``max_queue`` calls wait while this thread
-is stuck in a request, ``log()`` hands the columns to a spiller thread that writes them to the spool. Both threads
+is stuck in a request, ``log()`` hands them to a spiller thread that writes them to the spool. Both threads
 end in :meth:`Sender.stop`.
 """
 
@@ -33,7 +33,7 @@ import httpx
 
 from trainer.backoff import Backoff
 from trainer.client import Client, error_detail
-from trainer.columns import Columns
+from trainer.columns import Columns, Recorder
 from trainer.commands import Ack, CommandInbox
 from trainer.options import RunOptions
 from trainer.spool import Spool
@@ -66,12 +66,10 @@ class Sender:
         self.spool = spool
         self._options = options
         self._inbox = inbox
-        # Appended by log() under columns_lock, swapped out whole by take_columns(): the lock is held for a few
-        # appends or one swap, never for I/O, so log() does not wait on this thread.
-        self.columns = Columns()
-        self.columns_lock = threading.Lock()
+        # Appended by log(), taken by take_columns(); log() never waits on this thread. log() wakes it when a third
+        # of a batch waits (of one set of keys), and hands everything to the spool past max_queue rows.
+        self.recorder = Recorder(wake_rows=max(1, options.batch_points // 3), max_rows=options.max_queue)
         self.acks: collections.deque[Ack] = collections.deque()  # appended by ack_command()
-        self.wake_at = max(1, options.batch_points // 3)  # log() calls waiting that wake this thread
         self._buffer: collections.deque[Columns] = collections.deque()  # drained, not yet stored, oldest first
         self._buffer_points = 0
         self._sending = False
@@ -129,7 +127,7 @@ class Sender:
     def all_delivered(self) -> bool:
         """Nothing of this run is waiting: no point, no acknowledgement, no rewind."""
         return (
-            not self.columns
+            not self.recorder
             and not self.acks
             and not self._handoff
             and not self._buffer
@@ -176,14 +174,12 @@ class Sender:
             self.spool.sync()
 
     def take_columns(self) -> Columns:
-        """Everything ``log()`` added since the last call, swapped out whole: each point goes one way."""
-        fresh = Columns()
-        with self.columns_lock:
-            taken, self.columns = self.columns, fresh
-        return taken
+        """Everything ``log()`` added since the last call: each point goes one way."""
+        return self.recorder.take()
 
     def overflow(self) -> None:
-        """Called by ``log()`` when more than ``max_queue`` calls wait: the spiller writes them to the spool."""
+        """Called by ``log()`` when more than ``max_queue`` calls of one set of keys wait: the spiller writes
+        everything waiting to the spool."""
         self._handoff.append(self.take_columns())
         self._handoff_wake.set()
 
