@@ -356,7 +356,9 @@ class Run:
         """Queues one point per key at ``step``; returns at once (no I/O).
 
         Values must be real numbers (``float``, ``int``, numpy scalars); NaN and infinities are fine and
-        arrive as such. Anything else raises ``TypeError`` here, in the training loop, because it is a bug.
+        arrive as such. Anything else raises ``TypeError`` here, in the training loop, because it is a bug; so
+        does a step that is not an ``int`` (``ValueError`` below 0 or above 2**53, the largest a double -- and the
+        dashboard -- holds exactly). Safe to call from several threads.
 
         ``urgent=True`` wakes the sender now instead of at the next ``batch_interval_s`` (still no I/O here):
         use it for the points a server-side detector watches (say, per-epoch losses), so that its decision
