@@ -134,7 +134,7 @@ def test_recorder_hands_every_row_to_exactly_one_taker_while_writers_append(take
         for i in range(per_writer):
             keys = key_sets[(w + i) % len(key_sets)]
             step = w * per_writer + i
-            recorder.block(keys).rows.fromlist([step, float(i), 1.7e9, *[float(step)] * len(keys)])
+            recorder.append(keys, [step, float(i), 1.7e9, *[float(step)] * len(keys)])
 
     def take() -> None:
         while not done.is_set():

@@ -71,9 +71,10 @@ class Recorder:
     Writers take no lock. A row is appended by one ``array.fromlist`` call of plain floats and ints, which runs no
     Python code, so under the GIL no other thread sees half a row; :meth:`take` copies and deletes a prefix of
     whole rows, again one C call each. A lock would cost ``log()`` more than everything else it does: between
-    torch operations its acquire and release miss the cache, about 1.3 us of a call's 5
-    (``benchmarks/bench_train_overhead.py``). Takers (the sender thread; ``log()`` itself when too much waits)
-    take turns under :attr:`lock`, as writers do on a free-threaded build (:data:`LOCKED_WRITES`).
+    torch operations its acquire and release miss the cache, about 1.3 us of a call's 5 (timed piece by piece
+    inside the training loop; ``benchmarks/bench_train_overhead.py`` reports the whole call). Takers (the sender
+    thread; ``log()`` itself when too much waits) take turns under :attr:`lock`, as writers do on a free-threaded
+    build (:data:`LOCKED_WRITES`).
 
     A set of keys keeps its (emptied) block for the recorder's lifetime: a writer may hold a block it just looked
     up, so a block is never replaced or dropped while the run is open.
@@ -98,6 +99,17 @@ class Recorder:
             fresh.wake_len = self._wake_rows * fresh.stride
             fresh.max_len = self._max_rows * fresh.stride
             block = self.blocks.setdefault(keys, fresh)  # atomic: two writers of new keys get the same block
+        return block
+
+    def append(self, keys: tuple[str, ...], row: list[float]) -> Block:
+        """Appends ``row`` (step, epoch, time, values) to the block of ``keys``, created if new: ``log()``'s path
+        the first time it sees ``keys``, and always on a free-threaded build. Returns the block."""
+        block = self.block(keys)
+        if LOCKED_WRITES:
+            with self.lock:
+                block.rows.fromlist(row)
+        else:
+            block.rows.fromlist(row)
         return block
 
     def take(self) -> Columns:

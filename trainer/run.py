@@ -409,14 +409,7 @@ class Run:
         _check_keys(keys)
         sender = self._sender
         assert sender is not None
-        recorder = sender.recorder
-        block = recorder.block(keys)
-        if LOCKED_WRITES:
-            with recorder.lock:
-                block.rows.fromlist(row)
-        else:
-            block.rows.fromlist(row)
-        return block
+        return sender.recorder.append(keys, row)
 
     def _overflow(self) -> None:
         sender = self._sender
